@@ -1,0 +1,1 @@
+"""nervedet: nerves, PNI and immune cells in H&E whole-slide images."""

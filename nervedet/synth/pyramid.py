@@ -1,0 +1,135 @@
+"""Write a pyramidal tiled JPEG slide (Aperio SVS or generic TIFF) from a tile renderer, in bounded memory.
+
+Level 0 is rendered strip by strip and written as it comes; each strip is also block-averaged by 4 into a
+disk-backed array for the next level, and so on down the pyramid, so memory does not grow with the slide.
+The file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+import tifffile
+
+log = logging.getLogger(__name__)
+
+TILE = 256
+STRIP = 1024  # level-0 rows rendered at a time (a multiple of TILE and of DOWNSAMPLE)
+CHUNK = 1024  # level-0 columns rendered at a time
+DOWNSAMPLE = 4
+MIN_LEVEL_SIZE = 512
+JPEG_QUALITY = 88
+
+RenderFn = Callable[[int, int, int, int], np.ndarray]  # (x0, y0, w, h) -> RGB uint8 (h, w, 3)
+
+
+def _tiles(img: np.ndarray) -> Iterator[np.ndarray]:
+    """The TILE×TILE tiles of a strip whose height is a multiple of TILE (edge tiles padded white)."""
+    h, w = img.shape[:2]
+    for ty in range(0, h, TILE):
+        for tx in range(0, w, TILE):
+            t = img[ty:ty + TILE, tx:tx + TILE]
+            if t.shape[0] != TILE or t.shape[1] != TILE:
+                t = np.pad(t, ((0, TILE - t.shape[0]), (0, TILE - t.shape[1]), (0, 0)), constant_values=255)
+            yield np.ascontiguousarray(t)
+
+
+def _downsample(strip: np.ndarray) -> np.ndarray:
+    """Block-average by DOWNSAMPLE (an exact area downsample; incomplete edge blocks dropped)."""
+    h, w = strip.shape[0] // DOWNSAMPLE, strip.shape[1] // DOWNSAMPLE
+    s = strip[: h * DOWNSAMPLE, : w * DOWNSAMPLE].reshape(h, DOWNSAMPLE, w, DOWNSAMPLE, 3)
+    return (s.mean(axis=(1, 3), dtype=np.float32) + 0.5).astype(np.uint8)
+
+
+def _level_sizes(width: int, height: int) -> list[tuple[int, int]]:
+    sizes = [(width, height)]
+    while max(sizes[-1]) > MIN_LEVEL_SIZE * 2 and min(sizes[-1]) >= DOWNSAMPLE * 64:
+        w, h = sizes[-1]
+        sizes.append((w // DOWNSAMPLE, h // DOWNSAMPLE))
+    return sizes
+
+
+def _aperio_description(w: int, h: int, mpp: float, name: str, level: tuple[int, int] | None = None) -> str:
+    size = f"{w}x{h} [0,0 {w}x{h}]" if level is None else f"{w}x{h} -> {level[0]}x{level[1]}"
+    return (f"Aperio Image Library v12.0.15 \r\n{size} ({TILE}x{TILE}) JPEG/RGB Q={JPEG_QUALITY}"
+            f"|AppMag = {10.0 / mpp:g}|MPP = {mpp:.4f}|Filename = {name}|ScanScope ID = NERVEDET-SYNTH")
+
+
+def write_pyramid(
+    path: Path,
+    width: int,
+    height: int,
+    render: RenderFn,
+    mpp: float,
+    fmt: str = "svs",
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[int, int]]:
+    """Render and write a slide; returns the level sizes. ``progress`` gets the level-0 rows done."""
+    path = Path(path)
+    sizes = _level_sizes(width, height)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    scratch = tempfile.TemporaryDirectory(prefix=".levels-", dir=path.parent)
+    try:
+        levels = [np.lib.format.open_memmap(Path(scratch.name) / f"l{i}.npy", mode="w+", dtype=np.uint8,
+                                            shape=(h, w, 3)) for i, (w, h) in enumerate(sizes) if i > 0]
+        res = (1e4 / mpp, 1e4 / mpp)
+        common = dict(photometric="rgb", compression="jpeg", compressionargs={"level": JPEG_QUALITY},
+                      resolutionunit="CENTIMETER", metadata=None)
+        big = width * height * 3 > 2**32 * 0.8
+        with tifffile.TiffWriter(tmp_name, bigtiff=big) as tif:
+            def level0() -> Iterator[np.ndarray]:
+                for y0 in range(0, height, STRIP):
+                    sh = min(STRIP, height - y0)
+                    strip = np.full((STRIP, width, 3), 255, np.uint8)
+                    for x0 in range(0, width, CHUNK):
+                        cw = min(CHUNK, width - x0)
+                        strip[:sh, x0:x0 + cw] = render(x0, y0, cw, sh)
+                    if levels:
+                        d = _downsample(strip[:sh])
+                        r0 = y0 // DOWNSAMPLE
+                        levels[0][r0:r0 + d.shape[0]] = d[: levels[0].shape[0] - r0, : sizes[1][0]]
+                    yield from _tiles(strip[: -(-sh // TILE) * TILE])
+                    if progress:
+                        progress(sh)
+
+            desc = _aperio_description(width, height, mpp, path.stem) if fmt == "svs" else "nervedet synthetic slide"
+            tif.write(level0(), shape=(height, width, 3), dtype=np.uint8, tile=(TILE, TILE), resolution=res,
+                      description=desc, subfiletype=0, **common)
+            for i in range(2, len(sizes)):  # cascade the coarser levels from the previous one
+                src, dst = levels[i - 2], levels[i - 1]
+                for r in range(0, src.shape[0], STRIP):
+                    d = _downsample(src[r:r + STRIP])
+                    dst[r // DOWNSAMPLE:r // DOWNSAMPLE + d.shape[0]] = d[: dst.shape[0] - r // DOWNSAMPLE, : dst.shape[1]]
+            if fmt == "svs":  # Aperio keeps a stripped thumbnail as the second image
+                small = levels[-1] if levels else None
+                if small is not None:
+                    scale = min(1.0, 1024 / max(small.shape[:2]))
+                    thumb = cv2.resize(np.asarray(small), None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+                    tif.write(thumb, photometric="rgb", compression="jpeg", metadata=None,
+                              description=_aperio_description(width, height, mpp, path.stem, thumb.shape[1::-1]))
+            for i, lvl in enumerate(levels, start=1):
+                w, h = sizes[i]
+                def tiles(lvl=lvl) -> Iterator[np.ndarray]:
+                    for r in range(0, lvl.shape[0], TILE):
+                        yield from _tiles(np.asarray(lvl[r:r + TILE]))
+                desc = (_aperio_description(width, height, mpp, path.stem, (w, h)) if fmt == "svs"
+                        else f"nervedet synthetic slide level {i}")
+                tif.write(tiles(), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE),
+                          resolution=(res[0] / DOWNSAMPLE**i, res[1] / DOWNSAMPLE**i), description=desc,
+                          subfiletype=1 if fmt != "svs" else 0, **common)
+            del levels
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    finally:
+        scratch.cleanup()
+    log.info("wrote %s (%d levels: %s)", path, len(sizes), sizes)
+    return sizes

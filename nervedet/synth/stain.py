@@ -1,0 +1,46 @@
+"""H&E colour by Beer–Lambert mixing of haematoxylin and eosin optical densities, with a seeded stain jitter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Ruifrok & Johnston optical-density vectors (R, G, B) of haematoxylin and eosin.
+H_OD = np.array([0.650, 0.704, 0.286])
+E_OD = np.array([0.072, 0.990, 0.105])
+
+
+@dataclass(frozen=True)
+class Stain:
+    h_vector: tuple[float, float, float]
+    e_vector: tuple[float, float, float]
+    h_scale: float
+    e_scale: float
+    background: tuple[float, float, float]  # glass brightness per channel (0..255)
+
+    @classmethod
+    def jittered(cls, seed: int, amount: float = 1.0) -> "Stain":
+        """A scanner-and-lab stain: vectors, strengths and glass colour jittered from a seed."""
+        rng = np.random.default_rng([seed, 31])
+
+        def vec(v: np.ndarray) -> tuple[float, float, float]:
+            w = np.clip(v + rng.normal(0, 0.05 * amount, 3), 0.01, None)
+            return tuple(float(c) for c in w / np.linalg.norm(w))
+
+        return cls(
+            h_vector=vec(H_OD),
+            e_vector=vec(E_OD),
+            h_scale=float(rng.uniform(1 - 0.18 * amount, 1 + 0.18 * amount)),
+            e_scale=float(rng.uniform(1 - 0.22 * amount, 1 + 0.22 * amount)),
+            background=tuple(float(c) for c in rng.uniform(236, 247) + rng.normal(0, 2.0, 3)),
+        )
+
+    def to_rgb(self, h: np.ndarray, e: np.ndarray, rng: np.random.Generator, noise: float = 1.6) -> np.ndarray:
+        """RGB uint8 from haematoxylin and eosin optical-density maps (H×W float)."""
+        hv = np.asarray(self.h_vector, np.float32) * self.h_scale
+        ev = np.asarray(self.e_vector, np.float32) * self.e_scale
+        od = h[..., None] * hv + e[..., None] * ev
+        rgb = np.asarray(self.background, np.float32) * np.exp(-od.astype(np.float32))
+        rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(noise)
+        return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
