@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import shapely
+from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
 ENCIRCLEMENT_THRESHOLD = 0.33
@@ -44,6 +45,8 @@ def grade_nerve(
     """Grade one nerve against the tumour (both in pixel coordinates of pixel size ``mpp`` µm)."""
     if tumor is None or tumor.is_empty or nerve.is_empty:
         return PniResult(0, 0.0, float("inf"), 0.0)
+    # A segmented nerve has a hole where tumour sits inside it: grade against the filled outline.
+    nerve = fill_holes(nerve)
     distance_um = float(nerve.distance(tumor)) * mpp
     close_px = settings.close_um / mpp
     if distance_um > settings.close_um:
@@ -63,6 +66,14 @@ def grade_nerve(
     else:
         grade = 0
     return PniResult(grade, encirclement, distance_um, inside_um2)
+
+
+def fill_holes(geom: BaseGeometry) -> BaseGeometry:
+    """The geometry with the holes of its polygons filled."""
+    parts = [Polygon(p.exterior) for p in getattr(geom, "geoms", [geom]) if isinstance(p, Polygon)]
+    if not parts:
+        return geom
+    return parts[0] if len(parts) == 1 else shapely.union_all(parts)
 
 
 def tumor_union(tumors: list[BaseGeometry]) -> BaseGeometry | None:

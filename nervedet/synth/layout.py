@@ -124,8 +124,12 @@ def _tissue(rng: np.random.Generator, w: float, h: float, fraction: float) -> Ba
     return pieces((lo + hi) / 2)
 
 
-def _place(rng, occ: _Occupancy, region: BaseGeometry, make, tries: int = 60, pad: float = 15.0):
-    """Try ``make(point)`` at random points of ``region`` until it fits without overlap; None if it never does."""
+def _place(rng, occ: _Occupancy, region: BaseGeometry, make, tries: int = 60, pad: float = 15.0,
+           whole: bool = True):
+    """Try ``make(point)`` at random points of ``region`` until it fits without overlap; None if it never does.
+
+    With ``whole`` the structure must lie entirely inside ``region``, else only its centre must.
+    """
     for _ in range(tries):
         p = shapes.random_point_in(rng, region)
         if p is None:
@@ -134,7 +138,8 @@ def _place(rng, occ: _Occupancy, region: BaseGeometry, make, tries: int = 60, pa
         if g is None:
             continue
         footprint = g[0] if isinstance(g, tuple) else g
-        if region.contains(footprint.centroid) and occ.free(footprint.buffer(pad)):
+        inside = region.contains(footprint) if whole else region.contains(footprint.centroid)
+        if inside and occ.free(footprint.buffer(pad)):
             occ.add(footprint.buffer(pad))
             return g
     return None
@@ -184,25 +189,23 @@ def _pni_case(rng, occ: _Occupancy, area: Polygon, tissue: BaseGeometry, case: s
         nerve = _nerve(rng, p.x, p.y, d, longitudinal=False)
         nerve.outline = shapes.ellipse(p.x, p.y, d / 2, d / 2 * rng.uniform(0.75, 1.0), rng.uniform(0, math.pi))
         nerve.fascicles = [nerve.outline]
-        r = d / 2 * 0.9
+        outline = nerve.outline
         if case == "intraneural":
             tum = [shapes.blob(rng, p.x + rng.uniform(-0.2, 0.2) * d, p.y, d * 0.18, roughness=0.1)]
-            tum = [t.intersection(nerve.outline.buffer(-nerve.perineurium_um * 2)) for t in tum]
-            tum += [shapes.ring_arc(p.x, p.y, d / 2 + 2, d / 2 + rng.uniform(15, 35),
-                                    rng.uniform(0, 6.3), rng.uniform(0.5, 1.5))]
+            tum = [t.intersection(outline.buffer(-nerve.perineurium_um * 2)) for t in tum]
+            tum += [_around(outline, p.x, p.y, 2.0, rng.uniform(15, 35), rng.uniform(0, 6.3), rng.uniform(0.5, 1.5))]
         elif case == "encircled":
-            tum = [shapes.ring_arc(p.x, p.y, d / 2 + rng.uniform(1, 4), d / 2 + rng.uniform(20, 45),
-                                   rng.uniform(0, 6.3), rng.uniform(0.5, 0.85) * 2 * math.pi)]
-        elif case == "touching":
+            tum = [_around(outline, p.x, p.y, rng.uniform(1, 4), rng.uniform(20, 45), rng.uniform(0, 6.3),
+                           rng.uniform(0.5, 0.85) * 2 * math.pi)]
+        else:  # touching (a small nest a few µm away) or near (a nest beyond the "close" distance)
             a = rng.uniform(0, 2 * math.pi)
-            rb = d * rng.uniform(0.12, 0.2)
-            dist = d / 2 + rb + rng.uniform(2, 5)
-            tum = [shapes.blob(rng, p.x + dist * math.cos(a), p.y + dist * math.sin(a), rb, roughness=0.05)]
-        else:  # near, not touching: beyond the "close" distance
-            a = rng.uniform(0, 2 * math.pi)
-            rb = d * rng.uniform(0.2, 0.35)
-            dist = d / 2 + rb + rng.uniform(25, 60)
-            tum = [shapes.blob(rng, p.x + dist * math.cos(a), p.y + dist * math.sin(a), rb, roughness=0.05)]
+            rb = d * (rng.uniform(0.12, 0.2) if case == "touching" else rng.uniform(0.2, 0.35))
+            gap = rng.uniform(1, 4) if case == "touching" else rng.uniform(25, 60)
+            t = shapes.blob(rng, p.x + d * math.cos(a), p.y + d * math.sin(a), rb, roughness=0.05)
+            # slide the nest along the ray to the nerve until the gap is what the case needs
+            shift = t.distance(outline) - gap
+            t = shapely.affinity.translate(t, -shift * math.cos(a), -shift * math.sin(a))
+            tum = [t]
         tum = [t.intersection(tissue) for t in tum]
         if case != "intraneural":
             tum = [t.difference(nerve.outline.buffer(1.0)) for t in tum]
@@ -214,6 +217,15 @@ def _pni_case(rng, occ: _Occupancy, area: Polygon, tissue: BaseGeometry, case: s
             nerve.halo_immune = rng.uniform() < 0.6
             return nerve, tum
     return None
+
+
+def _around(outline: Polygon, cx: float, cy: float, gap: float, thickness: float, start: float, span: float):
+    """Tumour hugging a nerve: a band from ``gap`` to ``gap + thickness`` µm outside it over an angle."""
+    band = outline.buffer(gap + thickness).difference(outline.buffer(gap))
+    reach = 10 * (gap + thickness) + max(outline.bounds[2] - outline.bounds[0], outline.bounds[3] - outline.bounds[1])
+    t = np.linspace(start, start + span, 64)
+    wedge = Polygon(np.r_[[[cx, cy]], np.c_[cx + reach * np.cos(t), cy + reach * np.sin(t)]])
+    return band.intersection(wedge)
 
 
 def make_layout(seed: int, width_um: float, height_um: float, tissue_fraction: float = 0.7) -> Layout:
@@ -262,8 +274,11 @@ def make_layout(seed: int, width_um: float, height_um: float, tissue_fraction: f
                     return outer.difference(outer.buffer(-rng.uniform(10, 16)))
                 return shapes.blob(rng, x, y, rng.uniform(20, 70), aspect=rng.uniform(1, 2.2),
                                    angle=rng.uniform(0, 3.2), roughness=0.3)
-            nest = _place(rng, occ, area, make, tries=8, pad=12)
-            if nest is not None and nest.is_valid and not nest.is_empty:
+            nest = _place(rng, occ, area, make, tries=8, pad=12, whole=False)
+            if nest is not None:
+                nest = nest.intersection(inner)
+                nest = max(getattr(nest, "geoms", [nest]), key=lambda g: g.area) if not nest.is_empty else nest
+            if nest is not None and isinstance(nest, Polygon) and nest.is_valid and nest.area > 100:
                 lay.tumors.append(nest)
 
     # Plain nerves in the stroma: most small, some large with fascicles, about a third cut lengthwise.

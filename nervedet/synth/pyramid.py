@@ -49,7 +49,7 @@ def _downsample(strip: np.ndarray) -> np.ndarray:
 
 def _level_sizes(width: int, height: int) -> list[tuple[int, int]]:
     sizes = [(width, height)]
-    while max(sizes[-1]) > MIN_LEVEL_SIZE * 2 and min(sizes[-1]) >= DOWNSAMPLE * 64:
+    while max(sizes[-1]) > MIN_LEVEL_SIZE and min(sizes[-1]) >= DOWNSAMPLE * 64:
         w, h = sizes[-1]
         sizes.append((w // DOWNSAMPLE, h // DOWNSAMPLE))
     return sizes

@@ -129,7 +129,9 @@ class TileRenderer:
         N.draw(nuc, hn, e, mask, ox, oy, mpp)
         hn *= 0.85 + 0.15 * self.bank.sample(0, X / 0.6, Y / 0.6)
         h_od = hb * (1 - mask) + hn
-        e_od = e * (1 - 0.7 * mask)
+        e_od = e * (1 - 0.45 * mask)
+        grain = self.bank.sample(2, X / 0.5, Y / 0.5)  # fine granularity of any stained tissue
+        e_od = e_od * (1.0 + 0.08 * grain)
         thick = 1.0 + 0.12 * self.bank.sample(5, X / 40.0, Y / 40.0)  # section thickness varies slowly
         sigma = 0.3 / mpp
         h_od = cv2.GaussianBlur(h_od * thick, (0, 0), sigma)
@@ -148,7 +150,7 @@ class TileRenderer:
         if stroma.any():
             coll = oriented_fibres(bank, X, Y, theta, 18.0, 1.4, 1.5, 45.0)
             clefts = bank.sample(4, X / 5.0, Y / 5.0)
-            e[stroma] *= np.clip(0.72 + 0.32 * coll[stroma], 0.2, 1.6) * np.where(
+            e[stroma] *= np.clip(0.8 + 0.22 * coll[stroma], 0.25, 1.5) * np.where(
                 (coll[stroma] < -1.0) & (clefts[stroma] > 0.3), 0.35, 1.0)
         for c, k, scale, amp in ((C.TUMOR, 0, 1.2, 0.12), (C.NERVE, 1, 0.8, 0.3), (C.PERI, 2, 2.5, 0.1),
                                  (C.VWALL, 3, 2.0, 0.15), (C.MUSCLE, 2, 3.0, 0.1)):

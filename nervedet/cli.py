@@ -1,0 +1,148 @@
+"""The `nervedet` command: a thin layer over the Python API.
+
+Every failure the user can fix (a bad file, a missing pixel size, a wrong option) ends with one line on
+stderr naming the file and the problem, and a non-zero exit status; no traceback (use -v to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from nervedet import __version__
+
+log = logging.getLogger("nervedet")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = _positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nervedet",
+        description="Nerves, perineural invasion (PNI) and immune cells in H&E whole-slide images, "
+                    "with QuPath GeoJSON in and out.",
+    )
+    p.add_argument("--version", action="version", version=f"nervedet {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more logging (-v: info, -vv: debug and tracebacks)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "synth", help="write synthetic H&E slides with exact ground truth",
+        description="Write OUT_DIR/<name>.svs|.tiff, a pyramidal tiled JPEG slide that OpenSlide opens with "
+                    "its mpp, and OUT_DIR/<name>.geojson, its ground truth (nerves graded for PNI, tumour, "
+                    "immune cells) in QuPath GeoJSON, level-0 pixels.")
+    s.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder for the slide and its truth")
+    s.add_argument("--seed", type=int, default=1, help="random seed; the same seed gives the same slide "
+                   "(default 1)")
+    s.add_argument("--count", type=_positive(int), default=1,
+                   help="make this many slides, seeds SEED, SEED+1, ... (default 1)")
+    s.add_argument("--width-mm", type=_positive(float), default=2.0, help="slide width in mm (default 2)")
+    s.add_argument("--height-mm", type=_positive(float), default=2.0, help="slide height in mm (default 2)")
+    s.add_argument("--mpp", type=_positive(float), default=0.25,
+                   help="pixel size in µm: 0.25 is a 40x scan, 0.5 a 20x scan (default 0.25)")
+    s.add_argument("--format", choices=("svs", "tiff"), default="svs",
+                   help="svs: Aperio SVS; tiff: generic pyramidal TIFF (default svs)")
+    s.add_argument("--tissue-fraction", type=_fraction, default=0.7,
+                   help="share of the slide covered by tissue, 0-1 (default 0.7)")
+    s.add_argument("--stain-jitter", type=float, default=1.0,
+                   help="how far the stain colours vary from the reference: 0 none, 1 a usual lab-to-lab "
+                        "spread (default 1)")
+    s.add_argument("--name", help="file name stem instead of synth_<seed> (only with --count 1)")
+
+    e = sub.add_parser(
+        "evaluate", help="compare predicted GeoJSON with ground-truth GeoJSON",
+        description="Compare predictions with truth (files, or folders matched by file stem; the inference "
+                    "layout PRED/<stem>/<stem>.geojson is found too). Prints a table of dice, detection "
+                    "precision/recall/F1 for nerves, PNI and immune cells per slide and pooled over slides.")
+    e.add_argument("--pred", type=Path, required=True, help="prediction GeoJSON file or folder")
+    e.add_argument("--truth", type=Path, required=True, help="truth GeoJSON file or folder")
+    e.add_argument("--out", type=Path, help="write the metrics as JSON: {\"mean\": {...}, \"slides\": {...}}")
+    e.add_argument("--mpp", type=_positive(float),
+                   help="pixel size (µm) of the slides' level 0; by default read from a slide next to the "
+                        "truth file with the same stem, or from the prediction's metrics.json")
+    e.add_argument("--analysis-mpp", type=_positive(float), default=0.5,
+                   help="pixel size (µm) at which dice is counted (default 0.5)")
+    return p
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from nervedet.synth import SynthSettings, make_synthetic_slide
+
+    if args.name and args.count > 1:
+        raise ValueError("--name names one slide; leave it out with --count")
+    rows = []
+    for seed in range(args.seed, args.seed + args.count):
+        settings = SynthSettings(seed=seed, width_mm=args.width_mm, height_mm=args.height_mm, mpp=args.mpp,
+                                 fmt=args.format, tissue_fraction=args.tissue_fraction,
+                                 stain_jitter=args.stain_jitter, name=args.name)
+        r = make_synthetic_slide(args.out_dir, settings, progress=True)
+        rows.append((r.slide_path.name, f"{r.width}x{r.height}", len(r.level_sizes), f"{r.tissue_area_mm2:.2f}",
+                     r.nerve_count, r.pni_count, r.tumor_count, r.immune_count))
+    head = ("slide", "size px", "levels", "tissue mm²", "nerves", "PNI", "tumour", "immune cells")
+    _print_table(head, rows)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from nervedet.evaluate import evaluate_paths, format_table, write_report
+
+    report = evaluate_paths(args.pred, args.truth, mpp=args.mpp, analysis_mpp=args.analysis_mpp)
+    print(format_table(report))
+    if args.out:
+        write_report(report, args.out)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _print_table(head: tuple, rows: list[tuple]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(head, widths)))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+COMMANDS = {"synth": _synth, "evaluate": _evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("nervedet: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # SlideError, GeoJSONError, EvaluationError are ValueErrors
+        if args.verbose >= 2:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"nervedet: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
