@@ -9,7 +9,23 @@ from nervedet.synth import SynthSettings, make_synthetic_slide
 from nervedet.tissue import TissueMask, TissueSettings, detect_tissue, tile_grid
 
 __all__ = [
-    "__version__", "open_slide", "Slide", "SlideError", "TileSpec", "detect_tissue", "tile_grid", "TissueMask",
-    "TissueSettings", "read_geojson", "write_geojson", "Feature", "grade_nerve", "PniSettings", "PniResult",
-    "make_synthetic_slide", "SynthSettings", "evaluate_paths", "EvaluationReport",
+    "EvaluationReport",
+    "Feature",
+    "PniResult",
+    "PniSettings",
+    "Slide",
+    "SlideError",
+    "SynthSettings",
+    "TileSpec",
+    "TissueMask",
+    "TissueSettings",
+    "__version__",
+    "detect_tissue",
+    "evaluate_paths",
+    "grade_nerve",
+    "make_synthetic_slide",
+    "open_slide",
+    "read_geojson",
+    "tile_grid",
+    "write_geojson",
 ]

@@ -11,14 +11,28 @@ import numpy as np
 import pytest
 import tifffile
 
+BUNDLED_REAL = Path(__file__).resolve().parent / "data/real"
+
+
+def real_data_dir() -> Path | None:
+    """The real sample folder: $NERVEDET_REAL_DATA, the workplace's shared/data/real next to the repository
+    or at /work/shared/data/real, else the copy of the few files the tests need in tests/data/real."""
+    env = os.environ.get("NERVEDET_REAL_DATA")
+    if env:
+        return Path(env) if Path(env).is_dir() else None
+    for path in (Path(__file__).resolve().parents[2] / "shared/data/real", Path("/work/shared/data/real"),
+                 BUNDLED_REAL):
+        if path.is_dir():
+            return path
+    return None
+
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    """The real sample data folder (NERVEDET_REAL_DATA, or shared/data/real next to the repository)."""
-    env = os.environ.get("NERVEDET_REAL_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/real"
-    if not path.is_dir():
-        pytest.skip(f"real sample data folder not found at {path}; set NERVEDET_REAL_DATA")
+    """The real sample data folder (see :func:`real_data_dir`); tests skip with the reason when it is missing."""
+    path = real_data_dir()
+    if path is None:
+        pytest.skip(f"real sample data folder not found (NERVEDET_REAL_DATA={os.environ.get('NERVEDET_REAL_DATA')})")
     return path
 
 

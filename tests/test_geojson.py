@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -25,8 +24,7 @@ from nervedet.geojson import (
     to_feature_collection,
     write_geojson,
 )
-
-REAL = Path(os.environ.get("NERVEDET_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared/data/real")
+from tests.conftest import real_data_dir
 
 SQUARE_WITH_HOLE = Polygon(
     [(100, 100), (300, 100), (300, 300), (100, 300)], [[(150, 150), (250, 150), (250, 250), (150, 250)]]
@@ -391,7 +389,8 @@ def test_bad_files_raise_geojson_error_naming_the_file(tmp_path: Path, content: 
 
 
 def _real(name: str) -> Path:
-    path = REAL / "immune" / name
+    folder = real_data_dir()
+    path = (folder or Path("shared/data/real")) / "immune" / name
     if not path.exists():
         pytest.skip(
             f"real label data not found at {path} (set NERVEDET_REAL_DATA to the shared/data/real folder)"

@@ -17,7 +17,7 @@ from nervedet.synth.truth import truth_features
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SynthSettings", "SynthResult", "make_synthetic_slide", "make_layout", "TileRenderer", "Stain"]
+__all__ = ["Stain", "SynthResult", "SynthSettings", "TileRenderer", "make_layout", "make_synthetic_slide"]
 
 
 @dataclass(frozen=True)

@@ -289,7 +289,8 @@ def make_layout(seed: int, width_um: float, height_um: float, tissue_fraction: f
         if rng.uniform() < 0.15:
             d = rng.uniform(300, 1000)
         d = min(d, small * (0.08 if longitudinal else 0.25))
-        got = _place(rng, occ, inner, lambda x, y: _keyed(_nerve(rng, x, y, d, longitudinal)), tries=30, pad=25)
+        got = _place(rng, occ, inner, lambda x, y, d=d, lg=longitudinal: _keyed(_nerve(rng, x, y, d, lg)),
+                     tries=30, pad=25)
         if got is not None:
             nerve = got[1]
             nerve.halo_immune = rng.uniform() < 0.4

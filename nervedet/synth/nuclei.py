@@ -34,12 +34,12 @@ class Nuclei:
     dark: np.ndarray  # haematoxylin optical density (eosin for red cells)
 
     @classmethod
-    def empty(cls) -> "Nuclei":
+    def empty(cls) -> Nuclei:
         z = np.zeros(0)
         return cls(z, z, z.astype(int), z, z, z, z)
 
     @classmethod
-    def concat(cls, parts: list["Nuclei"]) -> "Nuclei":
+    def concat(cls, parts: list[Nuclei]) -> Nuclei:
         parts = [p for p in parts if len(p.x)]
         if not parts:
             return cls.empty()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -106,7 +106,8 @@ def write_pyramid(
                 src, dst = levels[i - 2], levels[i - 1]
                 for r in range(0, src.shape[0], STRIP):
                     d = _downsample(src[r:r + STRIP])
-                    dst[r // DOWNSAMPLE:r // DOWNSAMPLE + d.shape[0]] = d[: dst.shape[0] - r // DOWNSAMPLE, : dst.shape[1]]
+                    r1 = r // DOWNSAMPLE
+                    dst[r1:r1 + d.shape[0]] = d[: dst.shape[0] - r1, : dst.shape[1]]
             if fmt == "svs":  # Aperio keeps a stripped thumbnail as the second image
                 small = levels[-1] if levels else None
                 if small is not None:
@@ -124,7 +125,7 @@ def write_pyramid(
                 tif.write(tiles(), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE),
                           resolution=(res[0] / DOWNSAMPLE**i, res[1] / DOWNSAMPLE**i), description=desc,
                           subfiletype=1 if fmt != "svs" else 0, **common)
-            del levels
+            levels.clear()  # release the memory maps before the scratch folder goes
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from nervedet.synth import nuclei as N
 from nervedet.synth import tissue_classes as C
 from nervedet.synth.layout import Layout
 from nervedet.synth.stain import Stain
-from nervedet.synth.texture import NoiseBank, oriented_fibres, orientation_field
+from nervedet.synth.texture import NoiseBank, orientation_field, oriented_fibres
 
 MARGIN_UM = 16.0  # rendered around each tile so nuclei and blur cross tile borders seamlessly
 IMMUNE_BLOCK_UM = 256.0
@@ -153,7 +153,7 @@ class TileRenderer:
         return rgb[m:m + h, m:m + w]
 
     def _textures(self, cls, fid, X, Y):
-        bank, mpp = self.bank, self.mpp
+        bank = self.bank
         hb = self.lut_h[cls]
         e = self.lut_e[cls]
         theta = orientation_field(bank, X, Y)

@@ -21,7 +21,7 @@ class Stain:
     background: tuple[float, float, float]  # glass brightness per channel (0..255)
 
     @classmethod
-    def jittered(cls, seed: int, amount: float = 1.0) -> "Stain":
+    def jittered(cls, seed: int, amount: float = 1.0) -> Stain:
         """A scanner-and-lab stain: vectors, strengths and glass colour jittered from a seed."""
         rng = np.random.default_rng([seed, 31])
 

@@ -32,7 +32,7 @@ def truth_features(layout: Layout, mpp: float, pni: PniSettings = PniSettings())
         near = 0
         if tree is not None:
             idx = tree.query(g.buffer(100.0 / mpp), predicate="intersects")
-            near = int(len(idx))
+            near = len(idx)
         d_um = res.distance_um if np.isfinite(res.distance_um) else None
         m = {
             "Area µm^2": g.area * mpp * mpp,
