@@ -192,8 +192,8 @@ def _tiff_mpp(path: Path) -> tuple[float, float] | None:
             if tif.is_ome and tif.ome_metadata:
                 root = ET.fromstring(tif.ome_metadata)
                 px = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-                got = [(px.get(f"PhysicalSize{a}"), px.get(f"PhysicalSize{a}Unit", "µm")) for a in "XY"]
-                got = got if px is not None else []
+                got = ([(px.get(f"PhysicalSize{a}"), px.get(f"PhysicalSize{a}Unit", "µm")) for a in "XY"]
+                       if px is not None else [])
                 if got and all(v and float(v) > 0 and u in _OME_UNITS_UM for v, u in got):
                     (x, ux), (y, uy) = got
                     return float(x) * _OME_UNITS_UM[ux], float(y) * _OME_UNITS_UM[uy]

@@ -20,7 +20,8 @@ import tifffile
 log = logging.getLogger(__name__)
 
 TILE = 256
-STRIP = 1024  # level-0 rows rendered at a time (a multiple of TILE and of DOWNSAMPLE)
+STRIP = 1024  # level-0 rows rendered at a time (a multiple of TILE and of DOWNSAMPLE); 512 on wide slides
+WIDE = 40_000  # px: slides wider than this use half-height strips to bound memory
 CHUNK = 1024  # level-0 columns rendered at a time
 DOWNSAMPLE = 4
 MIN_LEVEL_SIZE = 512
@@ -84,10 +85,12 @@ def write_pyramid(
                       resolutionunit="CENTIMETER", metadata=None)
         big = width * height * 3 > 2**32 * 0.8
         with tifffile.TiffWriter(tmp_name, bigtiff=big) as tif:
+            rows = STRIP if width <= WIDE else STRIP // 2
+
             def level0() -> Iterator[np.ndarray]:
-                for y0 in range(0, height, STRIP):
-                    sh = min(STRIP, height - y0)
-                    strip = np.full((STRIP, width, 3), 255, np.uint8)
+                for y0 in range(0, height, rows):
+                    sh = min(rows, height - y0)
+                    strip = np.full((rows, width, 3), 255, np.uint8)
                     for x0 in range(0, width, CHUNK):
                         cw = min(CHUNK, width - x0)
                         strip[:sh, x0:x0 + cw] = render(x0, y0, cw, sh)
