@@ -163,17 +163,18 @@ def _nerve(rng, cx: float, cy: float, diameter: float, longitudinal: bool) -> Ne
                           angle=rng.uniform(0, math.pi), roughness=0.08)
     fascicles = [outline]
     if diameter > 250:  # a larger nerve: several fascicles in epineurium
-        inner = outline.buffer(-0.08 * diameter)
+        inner = outline.buffer(-0.05 * diameter)
         fascicles = []
-        occ = _Occupancy(cell=diameter / 3)
-        for _ in range(int(rng.integers(3, 8))):
-            r = diameter * rng.uniform(0.12, 0.28)
-            f = _place(rng, occ, inner.buffer(-r * 0.6),
+        occ = _Occupancy(cell=diameter / 4)
+        for _ in range(int(rng.integers(6, 16))):
+            r = diameter * rng.uniform(0.08, 0.18)
+            f = _place(rng, occ, inner,
                        lambda x, y, r=r: shapes.blob(rng, x, y, r, aspect=rng.uniform(1, 1.4), roughness=0.1),
-                       tries=30, pad=diameter * 0.02)
+                       tries=30, pad=diameter * 0.015)
             if f is not None:
-                fascicles.append(f.intersection(inner))
-        fascicles = [f for f in fascicles if isinstance(f, Polygon) and f.area > 0] or [outline]
+                fascicles.append(f)
+        if len(fascicles) < 2:  # not a multi-fascicle nerve after all
+            fascicles = [outline]
         peri = float(np.clip(0.015 * diameter, 3.0, 10.0))
     return NerveSpec(outline, fascicles, peri, False)
 
@@ -337,22 +338,23 @@ def _immune_cells(rng: np.random.Generator, lay: Layout, occ: _Occupancy) -> np.
     """Lymphocyte centres: scattered, clustered, dense at the invasive front and around some nerves."""
     tumor = shapely.union_all(lay.tumors) if lay.tumors else Polygon()
     nerves = shapely.union_all([n.outline for n in lay.nerves]) if lay.nerves else Polygon()
-    groups: list[np.ndarray] = [shapes.poisson_points(rng, lay.tissue, 120e-6, 7.5)]
+    groups: list[np.ndarray] = [shapes.poisson_points(rng, lay.tissue, 120e-6, 6.0)]
     for area in lay.tumor_areas:
         margin = area.buffer(100).difference(area.buffer(-30)).intersection(lay.tissue)
-        groups.append(shapes.poisson_points(rng, margin, 1500e-6, 7.5))
+        groups.append(shapes.poisson_points(rng, margin, 1500e-6, 6.0))
     for n in lay.nerves:
         if n.halo_immune:
             halo = n.outline.buffer(60).difference(n.outline.buffer(3)).intersection(lay.tissue)
-            groups.append(shapes.poisson_points(rng, halo, 2500e-6, 7.5))
+            groups.append(shapes.poisson_points(rng, halo, 2500e-6, 6.0))
     for _ in range(max(1, int(round(0.6 * lay.tissue_area_mm2)))):
         agg = _place(rng, occ, lay.tissue.buffer(-150), lambda x, y: shapes.blob(
             rng, x, y, rng.uniform(40, 120), aspect=rng.uniform(1, 1.5), roughness=0.2), tries=10, pad=5)
         if agg is not None:
-            groups.append(shapes.poisson_points(rng, agg, 11000e-6, 7.5))
+            groups.append(shapes.poisson_points(rng, agg, 16000e-6, 6.0))
     pts = np.concatenate(groups) if groups else np.zeros((0, 2))
     blocked = shapely.union_all([
         nerves.buffer(2), *[f.buffer(-2) for f in lay.fat], *[v.lumen for v in lay.vessels],
+        *[Polygon(r) for t in lay.tumors for r in t.interiors],  # gland lumens
         *[b.outline for b in lay.muscle],
     ])
     keep = shapely.contains_xy(lay.tissue.buffer(-4), pts[:, 0], pts[:, 1])
@@ -361,4 +363,4 @@ def _immune_cells(rng: np.random.Generator, lay: Layout, occ: _Occupancy) -> np.
     keep &= ~in_tumor | (rng.uniform(size=len(pts)) < 0.08)  # a few intraepithelial lymphocytes
     pts = pts[keep]
     order = rng.permutation(len(pts))
-    return shapes.thin(pts[order], 7.0)
+    return shapes.thin(pts[order], 6.0)

@@ -17,7 +17,7 @@ GRID_UM = 8.0  # candidate spacing of the jittered grid inside a block
 SPINDLE, WAVY_SPINDLE, TUMOR, SCHWANN_WAVY, SCHWANN_OVAL, FLAT, CIGAR, IMMUNE, RBC = range(9)
 
 # Chance that a candidate position in a tissue class holds a nucleus, and which kind
-ACCEPT = {C.STROMA: 0.07, C.WAVY: 0.16, C.TUMOR: 0.36, C.NERVE: 0.11, C.EPI: 0.05, C.MUSCLE: 0.2,
+ACCEPT = {C.STROMA: 0.07, C.WAVY: 0.16, C.TUMOR: 0.7, C.NERVE: 0.11, C.EPI: 0.05, C.MUSCLE: 0.2,
           C.VWALL: 0.15, C.FAT: 0.004, C.LUMEN: 0.55}
 KIND = {C.STROMA: SPINDLE, C.WAVY: WAVY_SPINDLE, C.TUMOR: TUMOR, C.NERVE: SCHWANN_WAVY, C.EPI: SPINDLE,
         C.MUSCLE: CIGAR, C.VWALL: FLAT, C.FAT: FLAT, C.LUMEN: RBC}
@@ -58,14 +58,14 @@ def candidates(seed: int, bx: int, by: int) -> tuple[np.ndarray, np.ndarray, np.
 
 
 SHAPES = {  # kind: (semi-major µm range, semi-minor µm range, darkness range)
-    SPINDLE: ((5.0, 8.0), (0.9, 1.4), (1.1, 1.5)),
-    WAVY_SPINDLE: ((5.5, 8.5), (0.9, 1.3), (1.1, 1.5)),
-    TUMOR: ((5.0, 8.0), (3.8, 6.0), (0.85, 1.25)),
-    SCHWANN_WAVY: ((5.0, 7.5), (1.0, 1.4), (0.9, 1.2)),
-    SCHWANN_OVAL: ((2.2, 3.2), (1.5, 2.2), (0.9, 1.2)),
-    FLAT: ((4.0, 6.0), (0.8, 1.1), (1.0, 1.3)),
-    CIGAR: ((4.5, 6.5), (1.1, 1.5), (0.95, 1.25)),
-    IMMUNE: ((3.0, 3.8), (2.8, 3.6), (1.7, 2.2)),
+    SPINDLE: ((5.0, 8.0), (1.0, 1.5), (1.9, 2.5)),
+    WAVY_SPINDLE: ((5.5, 8.5), (1.0, 1.4), (1.9, 2.5)),
+    TUMOR: ((3.6, 5.2), (2.9, 4.3), (1.8, 2.4)),
+    SCHWANN_WAVY: ((5.0, 7.5), (1.0, 1.4), (1.5, 2.0)),
+    SCHWANN_OVAL: ((2.2, 3.2), (1.5, 2.2), (1.5, 2.0)),
+    FLAT: ((4.0, 6.0), (0.8, 1.1), (1.7, 2.2)),
+    CIGAR: ((4.5, 6.5), (1.1, 1.5), (1.6, 2.1)),
+    IMMUNE: ((2.8, 3.5), (2.6, 3.3), (2.6, 3.2)),
     RBC: ((3.3, 3.8), (3.1, 3.6), (1.1, 1.4)),
 }
 
@@ -104,7 +104,7 @@ def draw(nuc: Nuclei, h_layer: np.ndarray, e_layer: np.ndarray, mask: np.ndarray
         cx, cy = (px - x0) * one, (py - y0) * one
         if k in (WAVY_SPINDLE, SCHWANN_WAVY):
             t = np.linspace(-1, 1, 9)
-            u, v = t * a, b * 0.9 * np.sin(t * math.pi * 1.3 + nuc.x[i] * 7.0)
+            u, v = t * a, b * 0.6 * np.sin(t * math.pi * 0.6 + nuc.x[i] * 7.0)
             c, s = math.cos(ang), math.sin(ang)
             pts = np.c_[cx + (u * c - v * s) / mpp * one, cy + (u * s + v * c) / mpp * one].astype(np.int32)
             cv2.polylines(patch, [pts], False, 255, max(1, int(round(2 * b / mpp))), cv2.LINE_AA, shift)
@@ -120,7 +120,7 @@ def draw(nuc: Nuclei, h_layer: np.ndarray, e_layer: np.ndarray, mask: np.ndarray
         if k == TUMOR:  # vesicular: darker rim, paler centre, a nucleolus
             yy, xx = np.mgrid[ya - y0:yb - y0, xa - x0:xb - x0]
             r = np.hypot(xx - cx / one, yy - cy / one) * mpp / a
-            prof = 0.75 + 0.45 * np.clip(r, 0, 1) ** 3
+            prof = 0.85 + 0.35 * np.clip(r, 0, 1) ** 3
             prof += 0.7 * (np.hypot(xx - cx / one - 0.25 * a / mpp, yy - cy / one) * mpp < 0.8)
             dark = (dark * prof).astype(np.float32)
         h = h_layer[ya:yb, xa:xb]

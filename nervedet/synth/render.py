@@ -130,7 +130,7 @@ class TileRenderer:
         hb, e, theta, phi = self._textures(cls[::k, ::k], fid[::k, ::k], Xc, Yc)
         grain = self.bank.sample(2, Xc / 0.5, Yc / 0.5)  # fine granularity of any stained tissue
         thick = 1.0 + 0.12 * self.bank.sample(5, Xc / 40.0, Yc / 40.0)  # section thickness varies slowly
-        e = e * (1.0 + 0.08 * grain) * thick
+        e = e * (1.0 + 0.18 * grain) * thick
         hb = hb * thick
         if k > 1:
             hb, e, thick = (cv2.resize(a, (W, H), interpolation=cv2.INTER_LINEAR) for a in (hb, e, thick))
@@ -144,7 +144,7 @@ class TileRenderer:
             hn[on] *= (0.85 + 0.15 * self.bank.sample(0, (ox + (xs + 0.5) * mpp) / 0.6,
                                                      (oy + (ys + 0.5) * mpp) / 0.6)) * thick[on]
         h_od = hb * (1 - mask) + hn
-        e_od = e * (1 - 0.45 * mask)
+        e_od = e * (1 - 0.85 * mask)
         sigma = 0.3 / mpp
         h_od = cv2.GaussianBlur(h_od, (0, 0), sigma)
         e_od = cv2.GaussianBlur(e_od, (0, 0), sigma)
@@ -160,8 +160,8 @@ class TileRenderer:
         phi = theta.copy()
         stroma = (cls == C.STROMA) | (cls == C.EPI)
         if stroma.any():
-            coll = oriented_fibres(bank, X, Y, theta, 18.0, 1.4, 1.5, 45.0)
-            clefts = bank.sample(4, X / 5.0, Y / 5.0)
+            coll = oriented_fibres(bank, X, Y, theta, 10.0, 0.8, 1.5, 45.0)
+            clefts = bank.sample(4, X / 2.5, Y / 2.5)
             e[stroma] *= np.clip(0.8 + 0.22 * coll[stroma], 0.25, 1.5) * np.where(
                 (coll[stroma] < -1.0) & (clefts[stroma] > 0.3), 0.35, 1.0)
         for c, k, scale, amp in ((C.TUMOR, 0, 1.2, 0.12), (C.NERVE, 1, 0.8, 0.3), (C.PERI, 2, 2.5, 0.1),
