@@ -85,7 +85,40 @@ def _parser() -> argparse.ArgumentParser:
                         "truth file with the same stem, or from the prediction's metrics.json")
     e.add_argument("--analysis-mpp", type=_positive(float), default=0.5,
                    help="pixel size (µm) at which dice is counted (default 0.5)")
+    t = sub.add_parser(
+        "train", help="train the model on slides with QuPath GeoJSON annotations",
+        description="Train the U-Net on slides and their QuPath GeoJSON (Nerve, Nerve: *, Tumor polygons; Immune "
+                    "cells points or detections; Region* annotations bound the labelled area) and write a "
+                    "weights file (safetensors with its configuration). Checkpoints go to OUT_DIR/checkpoints; "
+                    "running the same command again resumes from the last one.")
+    t.add_argument("--config", type=Path, required=True,
+                   help="training YAML (see configs/train.yaml and configs/quick.yaml)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the YAML, e.g. --set train.max_steps=100 (repeatable)")
+    t.add_argument("--out", help="output folder for checkpoints, logs and weights (overrides out_dir)")
+    t.add_argument("--weights-out", help="where to write the weights file (default OUT_DIR/model.safetensors)")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start afresh even when OUT_DIR/checkpoints/last.ckpt exists")
     return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from nervedet.train.config import load_train_config
+    from nervedet.train.run import train
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    if args.weights_out:
+        overrides.append(f"weights_out={args.weights_out}")
+    if args.no_resume:
+        overrides.append("resume=false")
+    result = train(load_train_config(args.config, overrides))
+    rows = [("weights", str(result.weights_path)), ("steps", result.steps), ("epochs", result.epochs),
+            ("minutes", f"{result.minutes:.1f}")]
+    rows += [(k, f"{v:.3f}") for k, v in sorted(result.metrics.items())]
+    _print_table(("result", "value"), rows)
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -124,7 +157,7 @@ def _print_table(head: tuple, rows: list[tuple]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
-COMMANDS = {"synth": _synth, "evaluate": _evaluate}
+COMMANDS = {"synth": _synth, "evaluate": _evaluate, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:

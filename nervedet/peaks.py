@@ -1,0 +1,42 @@
+"""Immune-cell centres from the model's heatmap: local maxima above a threshold (one point per cell)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def find_peaks(prob: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, radius: int = 2) -> list[torch.Tensor]:
+    """Peaks of a probability heatmap batch (N, 1, H, W) or (N, H, W): a list of (K, 3) tensors [x, y, p] per
+    image, x/y at pixel centres (+0.5). A peak is the maximum of its (2r+1)² neighbourhood and above threshold."""
+    if prob.dim() == 3:
+        prob = prob.unsqueeze(1)
+    prob = prob.float()
+    pooled = F.max_pool2d(prob, kernel_size=2 * radius + 1, stride=1, padding=radius)
+    keep = (prob == pooled) & (prob >= threshold)
+    out = []
+    for i in range(prob.shape[0]):
+        ys, xs = torch.nonzero(keep[i, 0], as_tuple=True)
+        p = prob[i, 0, ys, xs]
+        # plateaus (equal neighbours) would give several peaks: keep one per 3x3 block of ties
+        pts = torch.stack([xs.float() + 0.5, ys.float() + 0.5, p], dim=1)
+        out.append(_dedupe(pts, radius))
+    return out
+
+
+def _dedupe(pts: torch.Tensor, radius: int) -> torch.Tensor:
+    """Drop peaks within ``radius`` px of a stronger (or equal, earlier) one."""
+    if len(pts) < 2:
+        return pts
+    order = torch.argsort(pts[:, 2], descending=True, stable=True)
+    pts = pts[order]
+    d = torch.cdist(pts[:, :2], pts[:, :2])
+    keep = torch.ones(len(pts), dtype=torch.bool)
+    for i in range(len(pts)):
+        if keep[i]:
+            close = d[i] <= radius
+            close[: i + 1] = False
+            keep &= ~close
+    return pts[keep]
