@@ -85,8 +85,8 @@ class ModelConfig:
             return value
 
         def color(v: Any, where: str) -> tuple[int, int, int]:
-            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(c, int) and 0 <= c <= 255
-                                                                        for c in v)):
+            if not (isinstance(v, (list, tuple)) and len(v) == 3
+                    and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in v)):
                 raise ConfigError(f"{source}: {where} must be three integers 0-255")
             return (int(v[0]), int(v[1]), int(v[2]))
 
@@ -97,6 +97,11 @@ class ModelConfig:
                 raise ConfigError(f"{source}: {where} must be positive")
             return (float(v[0]), float(v[1]), float(v[2]))
 
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: not a mapping")
+        unknown = sorted(set(d) - {"architecture", "classes", "heatmap", "analysis_mpp", "tile_size", "normalization"})
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting {unknown[0]}")
         arch = need(d, "architecture", dict, "")
         name = need(arch, "name", str, "architecture.")
         if name != "unet":

@@ -91,7 +91,7 @@ def test_every_bad_field_is_a_config_error_naming_it(field, value, expected):
 
 @pytest.mark.parametrize("value", [None, [], "unet"])
 def test_not_a_mapping_is_a_config_error(value):
-    with pytest.raises(ConfigError, match="missing architecture"):
+    with pytest.raises(ConfigError, match="not a mapping"):
         ModelConfig.from_dict(value)
 
 
@@ -135,3 +135,9 @@ def test_normalize_uint8_and_float_agree():
     assert torch.allclose(a, b, atol=1e-6)
     mean = torch.tensor(config.mean).view(1, 3, 1, 1)
     assert torch.allclose(normalize(mean.expand(1, 3, 4, 4), config), torch.zeros(1, 3, 4, 4), atol=1e-6)
+
+
+def test_unknown_setting_is_named():
+    data = ModelConfig().to_dict() | {"tile_sise": 256}
+    with pytest.raises(ConfigError, match="unknown setting tile_sise"):
+        ModelConfig.from_dict(data)
