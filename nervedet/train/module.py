@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 
@@ -84,9 +86,18 @@ class NerveSegmenter(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr,
-                                                    total_steps=max(self.hparams.max_steps, 2), pct_start=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up over 5% of the steps, then cosine decay to 2% at max_steps. Computed from the
+        current max_steps, so a resumed run with more steps stretches the schedule instead of failing."""
+        total = max(int(self.hparams.max_steps), 2)
+        warm = max(1, total // 20)
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
 
 
 __all__ = ["NerveSegmenter", "IGNORE"]

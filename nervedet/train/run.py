@@ -140,9 +140,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         max_steps=o.max_steps, max_time={"minutes": o.max_minutes} if o.max_minutes else None,
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=[device.index or 0] if device.type == "cuda"
         else 1, precision=_precision(o.precision, device), default_root_dir=out,
-        callbacks=[checkpoint, EarlyStopping(monitor="val/score", mode="max", patience=o.patience),
+        callbacks=[checkpoint, EarlyStopping(monitor="val/score", mode="max", patience=o.patience, strict=False,
+                                               check_on_train_epoch_end=False),
                    TQDMProgressBar(refresh_rate=5)],
-        logger=CSVLogger(out, name="logs"), log_every_n_steps=5, num_sanity_val_steps=0,
+        logger=CSVLogger(out, name="logs"), log_every_n_steps=1, num_sanity_val_steps=0,
         enable_model_summary=False, max_epochs=-1,
     )
     last = ckpt_dir / "last.ckpt"
@@ -150,6 +151,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resume:
         log.info("resuming from %s", resume)
     trainer.fit(module, train_dl, val_dl, ckpt_path=resume)
+    trainer.save_checkpoint(last)  # the final state, so that a longer run continues exactly from here
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     minutes = (time.time() - t0) / 60
     summary = describe(train_specs) | {

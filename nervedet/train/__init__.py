@@ -1,0 +1,1 @@
+"""Training: labelled patches from slides and QuPath GeoJSON, augmentation, the Lightning module."""
