@@ -19,19 +19,8 @@ from nervedet.geojson import Feature, read_geojson, write_geojson
 from nervedet.model import ModelConfig
 from nervedet.synth import SynthSettings, make_synthetic_slide
 from nervedet.train.augment import build_augment, hed_from_rgb, rgb_from_hed
-from nervedet.train.data import (
-    IGNORE,
-    MAX_POINTS,
-    NOT_NERVE,
-    AnnotatedSlide,
-    Patch,
-    PatchDataset,
-    SamplingWeights,
-    SlideSpec,
-    describe,
-    render_heatmap,
-    split_by_slide,
-)
+from nervedet.train.data import IGNORE, MAX_POINTS, NOT_NERVE, AnnotatedSlide, Patch, SamplingWeights, SlideSpec
+from nervedet.train.dataset import PatchDataset, describe, render_heatmap, split_by_slide
 from tests.conftest import real_data_dir
 
 CFG = ModelConfig()

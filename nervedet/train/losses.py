@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255
-NOT_NERVE = 254
+from nervedet.train.data import IGNORE, NOT_NERVE  # noqa: E402  (the label values live with the labels)
 
 
 def class_loss(logits: torch.Tensor, mask: torch.Tensor, nerve_index: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from nervedet.model import ModelConfig
 from nervedet.train.augment import build_augment
 from nervedet.train.config import SyntheticData, TrainConfig
-from nervedet.train.data import PatchDataset, SlideSpec, describe, split_by_slide
+from nervedet.train.data import SlideSpec
+from nervedet.train.dataset import PatchDataset, describe, split_by_slide
 from nervedet.train.module import NerveSegmenter
 from nervedet.weights import resolve_device, save_weights
 

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from nervedet.matching import match_points
 from nervedet.model import normalize
 from nervedet.peaks import find_peaks
-from nervedet.train.data import PatchDataset, SamplingWeights, SlideSpec
+from nervedet.train.data import SamplingWeights, SlideSpec
+from nervedet.train.dataset import PatchDataset
 from nervedet.weights import Model
 
 log = logging.getLogger(__name__)
