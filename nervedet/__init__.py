@@ -8,6 +8,19 @@ from nervedet.slide import Slide, SlideError, TileSpec, open_slide
 from nervedet.synth import SynthSettings, make_synthetic_slide
 from nervedet.tissue import TissueMask, TissueSettings, detect_tissue, tile_grid
 
+_LAZY = {"load_model": "nervedet.weights", "Model": "nervedet.weights", "WeightsError": "nervedet.weights",
+         "ModelConfig": "nervedet.model"}
+
+
+def __getattr__(name: str):
+    """The torch-based parts load on first use, so that `import nervedet` stays quick."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nervedet' has no attribute {name!r}")
+
+
 __all__ = [
     "EvaluationReport",
     "Feature",

@@ -66,3 +66,10 @@ def test_version_is_reported(capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("nervedet ")
+
+
+def test_public_api_names_resolve() -> None:
+    import nervedet
+
+    for name in nervedet.__all__:
+        assert getattr(nervedet, name) is not None, name

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nervedet.train.data import IGNORE, NOT_NERVE  # noqa: E402  (the label values live with the labels)
+from nervedet.train.data import IGNORE, NOT_NERVE  # the label values live with the labels
 
 
 def class_loss(logits: torch.Tensor, mask: torch.Tensor, nerve_index: int) -> torch.Tensor:
