@@ -19,6 +19,9 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -27,7 +30,7 @@ from nervedet.train.config import load_train_config  # noqa: E402
 from nervedet.train.data import SamplingWeights, SlideSpec  # noqa: E402
 from nervedet.train.run import synthetic_folder, train  # noqa: E402
 from nervedet.train.validate import evaluate_tiles, nerve_fraction_on_negatives  # noqa: E402
-from nervedet.weights import load_model  # noqa: E402
+from nervedet.weights import load_model, save_weights  # noqa: E402
 
 TRAIN_NEGATIVES = ("adipose.png", "collagen_stroma.png", "colon_glands.png", "lung_tumour.png")
 HELDOUT_NEGATIVES = ("spindle_stroma.png", "kather_stroma.tif")
@@ -47,6 +50,7 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, help="training time limit (default: the config's)")
     ap.add_argument("--steps", type=int, help="training steps (default: the config's)")
     ap.add_argument("--tiles", type=int, default=256, help="held-out tiles per measurement (default 256)")
+    ap.add_argument("--keep-float32", action="store_true", help="do not store the weights as float16")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     real = real_folder()
@@ -64,6 +68,13 @@ def main() -> int:
         print(f"trained: {result.steps} steps, {result.minutes:.1f} min, validation {result.metrics}")
 
     model = load_model(cfg.weights_path)
+    with safe_open(cfg.weights_path, "pt") as f:
+        stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+    if "F32" in stored and not args.keep_float32:
+        # stored in float16 (half the size in the repository); loaded back as float32; measured as stored
+        save_weights(cfg.weights_path, model.network, model.config, training=model.metadata.get("training"),
+                     metrics=model.metadata.get("metrics"), dtype=torch.float16)
+        model = load_model(cfg.weights_path)
     s = cfg.data.synthetic
     folder = synthetic_folder(s)  # held-out seeds share the cache folder; they are never in the training range
     specs = []
