@@ -135,13 +135,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     ckpt_dir = out / "checkpoints"
     module = NerveSegmenter(model_cfg.to_dict(), lr=o.lr, weight_decay=o.weight_decay, heat_weight=o.heat_weight,
                             max_steps=o.max_steps)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/score", mode="max",
-                                 save_last=True, save_top_k=1)
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/score", mode="max", save_top_k=1)
+    latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False)
     trainer = pl.Trainer(
         max_steps=o.max_steps, max_time={"minutes": o.max_minutes} if o.max_minutes else None,
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=[device.index or 0] if device.type == "cuda"
         else 1, precision=_precision(o.precision, device), default_root_dir=out,
-        callbacks=[checkpoint, EarlyStopping(monitor="val/score", mode="max", patience=o.patience, strict=False,
+        callbacks=[best, latest, EarlyStopping(monitor="val/score", mode="max", patience=o.patience, strict=False,
                                                check_on_train_epoch_end=False),
                    TQDMProgressBar(refresh_rate=5)],
         logger=CSVLogger(out, name="logs"), log_every_n_steps=1, num_sanity_val_steps=0,
