@@ -110,6 +110,7 @@ def save_weights(path: str | Path, network: torch.nn.Module, config: ModelConfig
         save_file(tensors, tmp_name, metadata=metadata)
         with open(tmp_name, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a weights file is for everyone
         os.replace(tmp_name, path)
     except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)

@@ -270,3 +270,14 @@ def test_non_persistent_buffers_fall_back_to_a_real_build(saved, tiny, monkeypat
     assert not any(t.is_meta for t in [*model.network.parameters(), *model.network.buffers()])
     with torch.no_grad():
         assert torch.equal(model.network(x), net(x))
+
+
+def test_bundled_default_weights_load_with_their_model_card_numbers() -> None:
+    from nervedet.model import ModelConfig
+
+    model = load_model()  # the file in weights/, committed with the repository
+    assert model.config == ModelConfig.from_yaml()
+    training, metrics = model.metadata["training"], model.metadata["metrics"]
+    assert training["slides"] >= 10 and training["steps"] > 100
+    assert 0.0 <= metrics["val/dice_nerve"] <= 1.0
+    assert model.path.stat().st_size < 100e6
