@@ -274,9 +274,8 @@ def _mpp_of_slide(pair: SlidePair) -> float | None:
             from nervedet.slide import open_slide  # lazily: evaluation needs no slide reader otherwise
 
             try:
-                slide = open_slide(path)
-                value = slide.mpp
-                getattr(slide, "close", lambda: None)()
+                with open_slide(path) as slide:
+                    value = slide.mpp
             except Exception as e:  # noqa: BLE001 - an unreadable slide falls through to metrics.json
                 log.warning("%s: cannot read the pixel size (%s)", path, e)
                 continue

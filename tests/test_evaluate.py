@@ -271,7 +271,14 @@ def test_pixel_size_from_slide_or_metrics(tmp_path, monkeypatch):
     assert resolve_mpp(pair, 0.5) == 0.5
     (tmp_path / "truth" / "x.svs").write_bytes(b"")
     fake = types.ModuleType("nervedet.slide")
-    fake.open_slide = lambda path: types.SimpleNamespace(mpp=0.26, path=path)
+    class FakeSlide(types.SimpleNamespace):  # a Slide is a context manager
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    fake.open_slide = lambda path: FakeSlide(mpp=0.26, path=path)
     monkeypatch.setitem(sys.modules, "nervedet.slide", fake)
     assert resolve_mpp(pair) == 0.26  # the slide next to the truth comes first
     report = evaluate_paths(pred, truth)

@@ -151,3 +151,26 @@ def test_exported_weights_give_the_modules_outputs(tiny_run: dict) -> None:
         assert torch.allclose(module(x), model.network(x), atol=1e-5)
         fresh = NerveSegmenter(TINY.to_dict()).eval()  # and the weights are not the random start
         assert not torch.allclose(fresh(x), model.network(x), atol=1e-3)
+
+
+def test_tile_scores_are_perfect_for_the_truth_and_miss_a_cell_moved_by_4_um() -> None:
+    from nervedet.train.dataset import render_heatmap
+    from nervedet.train.metrics import TileScores
+
+    cfg = ModelConfig()
+    batch = _batch(n=1, size=64)
+    pts = torch.tensor([[[20.5, 20.5], [40.5, 12.5]]])
+    batch["points"], batch["n_points"] = pts, torch.tensor([2])
+    logits = torch.nn.functional.one_hot(batch["mask"], 3).permute(0, 3, 1, 2).float() * 10
+    heat = torch.from_numpy(render_heatmap(pts[0].numpy(), (64, 64), 2.0))
+    out = torch.cat([logits, (heat * 20 - 10)[None, None]], dim=1)
+    perfect = TileScores(cfg)
+    perfect.update(out, batch)
+    assert perfect.dice == {"Background": 1.0, "Tumor": 1.0, "Nerve": 1.0}
+    assert perfect.immune == (1.0, 1.0, 1.0)
+    moved = TileScores(cfg)
+    # one cell moved by 8 px = 4 µm at 0.5 µm/px, and one more cell the heatmap does not show
+    batch["points"] = torch.cat([pts + torch.tensor([[8.0, 0.0], [0.0, 0.0]]), torch.tensor([[[55.5, 55.5]]])], 1)
+    batch["n_points"] = torch.tensor([3])
+    moved.update(out, batch)
+    assert (moved.tp, moved.fp, moved.fn) == (1, 1, 2)

@@ -243,11 +243,9 @@ class TileRenderer:
             pts = pts[sel]
             if len(pts):
                 # per-cell randomness from the cell's own position, so every tile draws it the same way
-                r = np.random.default_rng([self.lay.seed, 17])
                 h = (np.floor(pts[:, 0] * 13.0) * 7919 + np.floor(pts[:, 1] * 17.0) * 104729) % 10007 / 10007.0
                 u3 = np.c_[h, (h * 7.31) % 1.0, (h * 3.17) % 1.0]
                 kind = np.full(len(pts), N.IMMUNE)
                 a, b, dark = N.shape(kind, u3)
-                del r
                 parts.append(N.Nuclei(pts[:, 0], pts[:, 1], kind, a, b, h * math.pi, dark))
         return N.Nuclei.concat(parts)

@@ -44,14 +44,6 @@ def ellipse(cx: float, cy: float, rx: float, ry: float, angle: float = 0.0, n: i
     return Polygon(np.c_[cx + x * ca - y * sa, cy + x * sa + y * ca])
 
 
-def ring_arc(cx: float, cy: float, r_in: float, r_out: float, start: float, span: float, n: int = 64) -> Polygon:
-    """A band between radii r_in and r_out from angle ``start`` over ``span`` radians (a crescent)."""
-    t = np.linspace(start, start + span, n)
-    outer = np.c_[cx + r_out * np.cos(t), cy + r_out * np.sin(t)]
-    inner = np.c_[cx + r_in * np.cos(t[::-1]), cy + r_in * np.sin(t[::-1])]
-    return Polygon(np.r_[outer, inner])
-
-
 def wavy_centerline(
     x0: float, y0: float, angle: float, length: float, amp: float, wavelength: float, phase: float
 ) -> LineString:

@@ -9,7 +9,7 @@ from shapely.geometry import Point
 
 from nervedet import classes
 from nervedet.geojson import Feature
-from nervedet.pni import PniSettings, grade_nerve
+from nervedet.pni import PniSettings, grade_nerve, tumor_union
 from nervedet.synth.layout import Layout
 
 
@@ -20,7 +20,7 @@ def _px(geom, mpp: float):
 def truth_features(layout: Layout, mpp: float, pni: PniSettings = PniSettings()) -> list[Feature]:
     """Features in level-0 pixels at ``mpp``: every nerve, tumour region and immune cell of the layout."""
     tumors_px = [_px(t, mpp) for t in layout.tumors]
-    tumor = shapely.union_all(tumors_px) if tumors_px else None
+    tumor = tumor_union(tumors_px)
     feats: list[Feature] = []
     for t in tumors_px:
         feats.append(Feature(t, "annotation", classes.TUMOR))

@@ -7,12 +7,9 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from nervedet.matching import match_points
 from nervedet.model import ModelConfig, build_network
-from nervedet.peaks import find_peaks
-from nervedet.train.losses import IGNORE, class_loss, heatmap_loss
-
-MATCH_UM = 3.0
+from nervedet.train.losses import class_loss, heatmap_loss
+from nervedet.train.metrics import TileScores
 
 
 class NerveSegmenter(pl.LightningModule):
@@ -23,7 +20,8 @@ class NerveSegmenter(pl.LightningModule):
         self.config = ModelConfig.from_dict(model_config)
         self.network = build_network(self.config).to(memory_format=torch.channels_last)
         self.nerve_index = self.config.class_index("Nerve")
-        self._val: dict[str, torch.Tensor] = {}
+        self._scores = TileScores(self.config)
+        self._val_loss: list[float] = []
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.network(image.contiguous(memory_format=torch.channels_last))
@@ -43,44 +41,19 @@ class NerveSegmenter(pl.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        c = self.config.num_classes
-        self._val = {"inter": torch.zeros(c), "sum": torch.zeros(c), "tp": torch.zeros(()), "fp": torch.zeros(()),
-                     "fn": torch.zeros(()), "loss": torch.zeros(()), "n": torch.zeros(())}
+        self._scores = TileScores(self.config)
+        self._val_loss: list[float] = []
 
     def validation_step(self, batch, batch_idx):
         out, lc, lh = self._losses(batch)
-        v = self._val
-        v["loss"] += float(lc + self.hparams.heat_weight * lh)
-        v["n"] += 1
-        c = self.config.num_classes
-        pred = out[:, :c].argmax(1)
-        mask = batch["mask"]
-        labelled = mask < c
-        for k in range(c):
-            p, t = (pred == k) & labelled, (mask == k) & labelled
-            v["inter"][k] += float((p & t).sum())
-            v["sum"][k] += float(p.sum() + t.sum())
-        prob = torch.sigmoid(out[:, c].float())
-        radius = MATCH_UM / self.config.analysis_mpp
-        for i, peaks in enumerate(find_peaks(prob)):
-            valid = batch["heat_valid"][i, 0]
-            if len(peaks):
-                inside = valid[peaks[:, 1].long(), peaks[:, 0].long()] > 0
-                peaks = peaks[inside]
-            truth = batch["points"][i, : int(batch["n_points"][i])]
-            n = match_points(peaks[:, :2].cpu().numpy(), truth.cpu().numpy(), radius)
-            v["tp"] += n
-            v["fp"] += len(peaks) - n
-            v["fn"] += len(truth) - n
+        self._val_loss.append(float(lc + self.hparams.heat_weight * lh))
+        self._scores.update(out, batch)
 
     def on_validation_epoch_end(self) -> None:
-        v = self._val
-        dice = (2 * v["inter"] / v["sum"].clamp(min=1)).tolist()
-        tp, fp, fn = float(v["tp"]), float(v["fp"]), float(v["fn"])
-        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-        metrics = {f"val/dice_{name.lower()}": d for name, d in zip(self.config.class_names, dice)}
+        f1 = self._scores.immune[2]
+        metrics = {f"val/dice_{name.lower()}": d for name, d in self._scores.dice.items()}
         metrics["val/immune_f1"] = f1
-        metrics["val/loss"] = float(v["loss"] / v["n"].clamp(min=1))
+        metrics["val/loss"] = sum(self._val_loss) / max(len(self._val_loss), 1)
         self.log_dict(metrics, prog_bar=False)
         self.log("val/score", (metrics["val/dice_nerve"] + f1) / 2, prog_bar=True)
 
@@ -100,4 +73,4 @@ class NerveSegmenter(pl.LightningModule):
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-__all__ = ["NerveSegmenter", "IGNORE"]
+__all__ = ["NerveSegmenter"]

@@ -131,6 +131,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     val_dl = DataLoader(val_ds, shuffle=False, **loader_args)
 
     device = resolve_device(o.device)
+    precision = _precision(o.precision, device)
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints"
     module = NerveSegmenter(model_cfg.to_dict(), lr=o.lr, weight_decay=o.weight_decay, heat_weight=o.heat_weight,
@@ -140,7 +141,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainer = pl.Trainer(
         max_steps=o.max_steps, max_time={"minutes": o.max_minutes} if o.max_minutes else None,
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=[device.index or 0] if device.type == "cuda"
-        else 1, precision=_precision(o.precision, device), default_root_dir=out,
+        else 1, precision=precision, default_root_dir=out,
         callbacks=[best, latest, EarlyStopping(monitor="val/score", mode="max", patience=o.patience, strict=False,
                                                check_on_train_epoch_end=False),
                    TQDMProgressBar(refresh_rate=5)],
@@ -158,7 +159,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     summary = describe(train_specs) | {
         "validation_slides": len(val), "steps": trainer.global_step, "epochs": trainer.current_epoch,
         "minutes": round(minutes, 1), "batch_size": o.batch_size, "device": str(device),
-        "precision": _precision(o.precision, device), "config": cfg.source,
+        "precision": precision, "config": cfg.source,
     }
     weights = save_weights(cfg.weights_path, module.network.cpu(), model_cfg, training=summary, metrics=metrics)
     log.info("weights written to %s", weights)

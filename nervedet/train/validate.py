@@ -11,16 +11,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from nervedet.matching import match_points
 from nervedet.model import normalize
-from nervedet.peaks import find_peaks
 from nervedet.train.data import SamplingWeights, SlideSpec
 from nervedet.train.dataset import PatchDataset
+from nervedet.train.metrics import TileScores
 from nervedet.weights import Model
 
 log = logging.getLogger(__name__)
-
-MATCH_UM = 3.0
 
 
 @dataclass(frozen=True)
@@ -48,33 +45,15 @@ def evaluate_tiles(model: Model, specs: list[SlideSpec], tiles: int = 256, seed:
     """Dice per class and immune-cell F1 (one-to-one within 3 µm) over tiles sampled from ``specs``."""
     cfg, device = model.config, next(model.network.parameters()).device
     ds = PatchDataset(specs, cfg, tiles, seed, None, weights=weights)
-    c = cfg.num_classes
-    inter, total = np.zeros(c), np.zeros(c)
-    tp = fp = fn = 0
-    radius = MATCH_UM / cfg.analysis_mpp
+    scores = TileScores(cfg)
     net = model.network.eval().to(memory_format=torch.channels_last)
     with torch.no_grad():
         for batch in DataLoader(ds, batch_size=batch_size, num_workers=0):
             with _autocast(device):
-                out = net(batch["image"].to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
-            pred, mask = out[:, :c].argmax(1), batch["mask"]
-            labelled = mask < c
-            for k in range(c):
-                p, t = (pred == k) & labelled, (mask == k) & labelled
-                inter[k] += float((p & t).sum())
-                total[k] += float(p.sum() + t.sum())
-            for i, peaks in enumerate(find_peaks(torch.sigmoid(out[:, c]))):
-                valid = batch["heat_valid"][i, 0]
-                if len(peaks):
-                    peaks = peaks[valid[peaks[:, 1].long(), peaks[:, 0].long()] > 0]
-                truth = batch["points"][i, : int(batch["n_points"][i])].numpy()
-                n = match_points(peaks[:, :2].numpy(), truth, radius)
-                tp, fp, fn = tp + n, fp + len(peaks) - n, fn + len(truth) - n
-    dice = {name: float(2 * inter[k] / total[k]) if total[k] else 1.0 for k, name in enumerate(cfg.class_names)}
-    prec = tp / (tp + fp) if tp + fp else 1.0
-    rec = tp / (tp + fn) if tp + fn else 1.0
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-    return TileMetrics(tiles, dice, prec, rec, f1, tp + fn)
+                out = net(batch["image"].to(device).contiguous(memory_format=torch.channels_last))
+            scores.update(out, batch)
+    prec, rec, f1 = scores.immune
+    return TileMetrics(tiles, scores.dice, prec, rec, f1, scores.tp + scores.fn)
 
 
 def predict_image(model: Model, rgb: np.ndarray, overlap: int = 32) -> np.ndarray:
