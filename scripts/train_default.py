@@ -6,9 +6,9 @@
 2. measures the weights on held-out synthetic slides (seeds 9000-9005, never used in training): nerve Dice and
    immune-cell F1 at tile level, with class-balanced and with uniform tissue tiles;
 3. measures the share of tissue called nerve on the six real non-nerve images;
-4. writes weights/heldout.json (the numbers quoted in weights/README.md).
+4. writes heldout.json beside the weights file (the numbers quoted in weights/README.md).
 
-`--evaluate-only` skips step 1 and measures the current weights file. Options: --minutes, --steps.
+`--evaluate-only` skips step 1 and measures the current weights file. Options: --minutes, --steps, --set.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def main() -> int:
     ap.add_argument("--tiles", type=int, default=256, help="held-out tiles per measurement (default 256)")
     ap.add_argument("--with-negatives", action="store_true",
                     help="also train on four of the real non-nerve images as 'no nerve here' examples")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training-config override, as for `nervedet train --set` (e.g. init_weights=bundled)")
     ap.add_argument("--keep-float32", action="store_true", help="do not store the weights as float16")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -64,7 +66,7 @@ def main() -> int:
         overrides.append(f"train.max_minutes={args.minutes}")
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
-    cfg = load_train_config(ROOT / "configs/default.yaml", overrides)
+    cfg = load_train_config(ROOT / "configs/default.yaml", [*overrides, *args.set])
     if not args.evaluate_only:
         result = train(cfg)
         print(f"trained: {result.steps} steps, {result.minutes:.1f} min, validation {result.metrics}")
@@ -101,7 +103,7 @@ def main() -> int:
         report["negatives_nerve_fraction"] = {
             name: {"fraction": round(v, 4), "seen_in_training": args.with_negatives and name in TRAIN_NEGATIVES}
             for name, v in fractions.items()}
-    out = ROOT / "weights" / "heldout.json"
+    out = Path(cfg.weights_path).parent / "heldout.json"  # beside the weights it measures
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("class_balanced_tiles", "uniform_tissue_tiles")}, indent=2))
     if "negatives_nerve_fraction" in report:

@@ -58,6 +58,7 @@ class Optimisation:
 @dataclass(frozen=True)
 class TrainConfig:
     model: str | None = None  # model YAML; None = the packaged nervedet/configs/model.yaml
+    init_weights: str | None = None  # start from this weights file (fine-tuning); "bundled" = the default weights
     data: DataSettings = DataSettings()
     train: Optimisation = Optimisation()
     out_dir: str = "runs/train"

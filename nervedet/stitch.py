@@ -1,0 +1,107 @@
+"""Blended stitching of overlapping tile predictions into a compact canvas, one band of tile rows at a time.
+
+Tiles arrive in row-major order. Each tile's probabilities are weighted by a window that is 1 in the middle
+and falls off with a raised cosine over the overlap, so neighbouring tiles fade into each other and no
+seam shows. Only one band of float accumulators (a tile row high, the canvas wide) is held; rows that no
+later tile can touch are normalised and stored as uint8 (probability × 255). The canvas is a memory-mapped
+temporary file when it is large, so memory stays bounded whatever the slide's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IN_MEMORY_BYTES = 1 << 30  # canvases larger than this live in a temporary file
+_FLOOR = 1e-3  # the window never reaches 0, so a tile edge with no neighbour still counts
+
+
+def blend_window(size: int, overlap: int) -> np.ndarray:
+    """(size, size) float32 weights: 1 inside, a raised-cosine ramp over ``overlap`` px at every edge."""
+    ramp = np.ones(size, np.float32)
+    if overlap > 0:
+        t = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+        r = np.maximum(0.5 - 0.5 * np.cos(np.pi * t), _FLOOR)
+        ramp[:overlap] = r
+        ramp[size - overlap:] = r[::-1]
+    return np.outer(ramp, ramp)
+
+
+def _canvas(shape: tuple[int, ...], workdir: Path | None) -> np.ndarray:
+    if int(np.prod(shape)) <= IN_MEMORY_BYTES:
+        return np.zeros(shape, np.uint8)
+    tmp = tempfile.NamedTemporaryFile(prefix="nervedet-canvas-", suffix=".npy", dir=workdir, delete=False)
+    tmp.close()
+    log.info("canvas %s is large: memory-mapped in %s", shape, tmp.name)
+    arr = np.lib.format.open_memmap(tmp.name, mode="w+", dtype=np.uint8, shape=shape)
+    Path(tmp.name).unlink()  # the mapping stays valid; the file goes when it is closed
+    return arr
+
+
+class Stitcher:
+    """Accumulates (C, T, T) tile probabilities at canvas positions (x, y) given in non-decreasing y."""
+
+    def __init__(self, width: int, height: int, channels: int, tile_size: int, overlap: int,
+                 workdir: Path | None = None) -> None:
+        self.width, self.height, self.channels = int(width), int(height), int(channels)
+        self.tile_size = int(tile_size)
+        self.window = blend_window(self.tile_size, int(overlap))
+        self.canvas = _canvas((self.channels, self.height, self.width), workdir)
+        self._top = 0  # canvas row of the band's first row
+        self._band_h = 2 * self.tile_size  # rows the band holds: a tile row plus the one before it
+        self._acc = np.zeros((self.channels, self._band_h, self.width), np.float32)
+        self._wsum = np.zeros((self._band_h, self.width), np.float32)
+        self._last_y = 0
+
+    def add(self, x: int, y: int, probs: np.ndarray) -> None:
+        """Add one tile's probabilities (C, T, T), 0..1, whose top-left is canvas pixel (x, y)."""
+        if y < self._last_y:
+            raise ValueError(f"tiles must come in non-decreasing y (got y={y} after {self._last_y})")
+        self._last_y = y
+        self._flush(y)
+        t = self.tile_size
+        xa, xb = max(x, 0), min(x + t, self.width)
+        ya, yb = max(y, 0), min(y + t, self.height)
+        if xb <= xa or yb <= ya:
+            return
+        if yb - self._top > self._band_h:  # a tile taller than the band allows: make the band bigger
+            self._grow(yb - self._top)
+        w = self.window[ya - y:yb - y, xa - x:xb - x]
+        ba, bb = ya - self._top, yb - self._top
+        self._acc[:, ba:bb, xa:xb] += probs[:, ya - y:yb - y, xa - x:xb - x] * w
+        self._wsum[ba:bb, xa:xb] += w
+
+    def finish(self) -> np.ndarray:
+        """Write the remaining rows; returns the (C, H, W) uint8 canvas (probability × 255)."""
+        self._flush(self.height)
+        return self.canvas
+
+    def _grow(self, rows: int) -> None:
+        acc = np.zeros((self.channels, rows, self.width), np.float32)
+        wsum = np.zeros((rows, self.width), np.float32)
+        acc[:, :self._band_h], wsum[:self._band_h] = self._acc, self._wsum
+        self._acc, self._wsum, self._band_h = acc, wsum, rows
+
+    def _flush(self, upto: int) -> None:
+        """Normalise and store canvas rows [top, upto): no tile starting at y >= upto touches them."""
+        upto = min(upto, self.height)
+        n = upto - self._top
+        if n <= 0:
+            return
+        n = min(n, self._band_h)
+        wsum = self._wsum[:n]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p = np.where(wsum > 0, self._acc[:, :n] / wsum, 0.0)
+        self.canvas[:, self._top:self._top + n] = np.clip(p * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        self._acc = np.roll(self._acc, -n, axis=1)
+        self._wsum = np.roll(self._wsum, -n, axis=0)
+        self._acc[:, -n:] = 0
+        self._wsum[-n:] = 0
+        self._top += n
+        if self._top < upto:  # the gap was wider than the band: rows no tile reached stay 0
+            self._top = upto
