@@ -85,6 +85,35 @@ def _parser() -> argparse.ArgumentParser:
                         "truth file with the same stem, or from the prediction's metrics.json")
     e.add_argument("--analysis-mpp", type=_positive(float), default=0.5,
                    help="pixel size (µm) at which dice is counted (default 0.5)")
+    i = sub.add_parser(
+        "infer", help="find nerves, PNI, tumour and immune cells on whole slides",
+        description="Analyse slides (files, or folders of slides) with a weights file. For each slide writes "
+                    "OUT/<stem>/: <stem>.geojson (QuPath: nerves, Nerve: PNI, tumour, immune-cell detections), "
+                    "metrics.json (slide metrics), nerves.csv (one row per nerve), overlay.png (the slide with "
+                    "the results drawn on it) and run.json (what made them); and OUT/cohort.csv (one row per "
+                    "slide). A slide that fails gets an error row and the others go on; the exit status is 1 "
+                    "when any failed. Running the same command again skips slides whose outputs are complete "
+                    "and were made with the same weights and settings.")
+    i.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="slide files or folders of slides")
+    i.add_argument("--out", type=Path, required=True, help="output folder")
+    i.add_argument("--weights", type=Path, help="weights file (default: the bundled default weights)")
+    i.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default auto)")
+    i.add_argument("--mpp", type=_positive(float),
+                   help="pixel size (µm) of the slides' level 0: needed for images without one (PNG, JPEG), "
+                        "overrides the file's value otherwise")
+    i.add_argument("--batch-size", type=_positive(int), default=8, help="tiles per batch (default 8)")
+    i.add_argument("--workers", type=int, default=1,
+                   help="processes reading tiles while the model runs; 0 reads in the main process (default 1)")
+    i.add_argument("--tile-size", type=_positive(int), default=512,
+                   help="tile size in px at the model's mpp, a multiple of 32 (default 512)")
+    i.add_argument("--overlap", type=int, default=64,
+                   help="px shared by neighbouring tiles, blended (default 64)")
+    i.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: fp16 on CUDA, bf16 on the CPU when it agrees with fp32, else fp32 (default auto)")
+    i.add_argument("--force", action="store_true", help="analyse again even slides whose outputs are complete")
+    i.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     t = sub.add_parser(
         "train", help="train the model on slides with QuPath GeoJSON annotations",
         description="Train the U-Net on slides and their QuPath GeoJSON (Nerve, Nerve: *, Tumor polygons; Immune "
@@ -119,6 +148,27 @@ def _train(args: argparse.Namespace) -> int:
     rows += [(k, f"{v:.3f}") for k, v in sorted(result.metrics.items())]
     _print_table(("result", "value"), rows)
     return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from nervedet.analyze import AnalysisSettings
+    from nervedet.cohort import COHORT_CSV, run_cohort
+    from nervedet.infer import InferSettings
+    from nervedet.report import summary_table
+    from nervedet.weights import load_model
+
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    settings = AnalysisSettings(infer=InferSettings(
+        tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
+        precision=args.precision, progress=not args.no_progress))
+    model = load_model(args.weights, device=args.device)
+    rows = run_cohort(args.inputs, args.out, model, settings, mpp=args.mpp, force=args.force)
+    if not rows:
+        raise ValueError(f"no slide found in {', '.join(map(str, args.inputs))}")
+    print(summary_table(rows))
+    print(f"outputs in {args.out}/<slide>/, table of all slides in {args.out / COHORT_CSV}")
+    return EXIT_ERROR if any(r.status == "failed" for r in rows) else 0
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -157,7 +207,7 @@ def _print_table(head: tuple, rows: list[tuple]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
-COMMANDS = {"synth": _synth, "evaluate": _evaluate, "train": _train}
+COMMANDS = {"synth": _synth, "infer": _infer, "evaluate": _evaluate, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from shapely.geometry.base import BaseGeometry
 
 from nervedet import classes
 from nervedet.geojson import Feature, clean_polygonal, read_geojson
+from nervedet.paths import SLIDE_EXTENSIONS, slide_stem
 from nervedet.matching import (
     MatchCounts,
     OverlapCounts,
@@ -50,7 +51,6 @@ KEYS = (
     "dice_nerve", "dice_tumor", "nerve_precision", "nerve_recall", "nerve_f1", "pni_precision", "pni_recall",
     "pni_f1", "immune_precision", "immune_recall", "immune_f1", "immune_count_truth", "immune_count_pred",
 )
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".dcm", ".ome.tif")
 GEOJSON_SUFFIXES = (".geojson.gz", ".geojson")
 
 
@@ -257,14 +257,6 @@ def pair_paths(pred: Path, truth: Path) -> list[SlidePair]:
     return pairs
 
 
-def _slide_stem(name: str) -> str:
-    lower = name.lower()
-    for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
-        if lower.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def _mpp_of_slide(pair: SlidePair) -> float | None:
     """The pixel size of a slide next to the truth with the same stem, if one opens and knows it."""
     for ext in SLIDE_EXTENSIONS:
@@ -297,7 +289,7 @@ def _mpp_of_metrics(pair: SlidePair) -> float | None:
     if not isinstance(data, dict):
         return None
     slide = data.get("slide")
-    if slide is not None and _slide_stem(Path(str(slide)).name) != pair.stem:
+    if slide is not None and slide_stem(str(slide)) != pair.stem:
         return None
     return float(data["mpp"]) if _positive(data.get("mpp")) else None
 

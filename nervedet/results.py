@@ -111,3 +111,23 @@ class SlideResult:
         from nervedet.report import save_result
 
         return save_result(self, Path(folder))
+
+
+COHORT_STATUSES = ("done", "skipped", "failed")
+
+
+@dataclass(frozen=True)
+class CohortRow:
+    """One slide of a cohort run: "done", "skipped" (outputs already complete) or "failed" (with the error).
+
+    ``output`` is the slide's output folder; ``metrics`` its metrics.json dict (None when it failed)."""
+
+    slide: str
+    status: str
+    output: str
+    error: str = ""
+    metrics: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in COHORT_STATUSES:
+            raise ValueError(f"cohort status {self.status!r} is not one of {COHORT_STATUSES}")

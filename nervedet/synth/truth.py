@@ -9,6 +9,7 @@ from shapely.geometry import Point
 
 from nervedet import classes
 from nervedet.geojson import Feature
+from nervedet.geometry import max_feret, min_feret
 from nervedet.pni import PniSettings, grade_nerve, tumor_union
 from nervedet.synth.layout import Layout
 
@@ -37,8 +38,8 @@ def truth_features(layout: Layout, mpp: float, pni: PniSettings = PniSettings())
         m = {
             "Area µm^2": g.area * mpp * mpp,
             "Perimeter µm": g.length * mpp,
-            "Min diameter µm": _min_feret(g) * mpp,
-            "Max diameter µm": _max_feret(g) * mpp,
+            "Min diameter µm": min_feret(g) * mpp,
+            "Max diameter µm": max_feret(g) * mpp,
             "Tumor encirclement %": 100.0 * res.encirclement,
             "PNI grade": float(res.grade),
             "Immune cells within 100 µm": float(near),
@@ -50,18 +51,3 @@ def truth_features(layout: Layout, mpp: float, pni: PniSettings = PniSettings())
     for x, y in immune:
         feats.append(Feature(Point(x, y), "detection", classes.IMMUNE))
     return feats
-
-
-def _min_feret(g) -> float:
-    """Minimum caliper width (the minimum rotated rectangle's short side)."""
-    r = shapely.minimum_rotated_rectangle(g)
-    xy = np.asarray(r.exterior.coords)[:4]
-    sides = np.hypot(*(np.roll(xy, -1, 0) - xy).T)
-    return float(sides.min())
-
-
-def _max_feret(g) -> float:
-    """Maximum caliper diameter (largest distance between hull vertices)."""
-    xy = np.asarray(g.convex_hull.exterior.coords)
-    d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
-    return float(d.max())

@@ -15,7 +15,7 @@ from nervedet.model import normalize
 from nervedet.train.data import SamplingWeights, SlideSpec
 from nervedet.train.dataset import PatchDataset
 from nervedet.train.metrics import TileScores
-from nervedet.weights import Model
+from nervedet.weights import Model, cpu_bf16_supported
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ class TileMetrics:
 
 
 def _autocast(device: torch.device):
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.float16)
 
 
 def evaluate_tiles(model: Model, specs: list[SlideSpec], tiles: int = 256, seed: int = 0, batch_size: int = 8,

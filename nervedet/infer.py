@@ -1,0 +1,242 @@
+"""Whole-slide inference: tiles over the tissue, read by DataLoader workers, the model in batches on the device
+(AMP where it is safe), blended stitching of tumour and nerve probabilities into a canvas at the analysis mpp,
+and immune-cell peaks found per tile, each kept only by the tile that owns its position.
+
+The canvas covers the tissue's bounding box at the model's analysis mpp: canvas pixel (x, y) is level-0 pixel
+``origin + (x, y) * scale``. Tiles step by ``tile_size - overlap``; a tile owns the canvas pixels nearer to its
+centre than to any neighbour's (its own cell of the grid), so a cell on a seam is counted once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from nervedet.model import normalize
+from nervedet.peaks import DEFAULT_THRESHOLD, find_peaks
+from nervedet.slide import Slide, open_slide
+from nervedet.stitch import Stitcher
+from nervedet.tissue import TissueMask
+from nervedet.weights import Model, cpu_bf16_supported
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AGREEMENT = 0.99  # reduced precision is used on the CPU only if its class map agrees this well with float32
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    tile_size: int = 512  # px at the analysis mpp (the network is fully convolutional: any multiple of 32)
+    overlap: int = 64  # px shared by neighbouring tiles, blended with a raised cosine
+    batch_size: int = 8
+    workers: int = 1  # DataLoader worker processes reading tiles (0: read in the main process)
+    precision: str = "auto"  # auto: fp16 on CUDA; bf16 on a CPU with native bf16 that agrees with fp32; else fp32
+    min_tissue_fraction: float = 0.01  # tiles with less tissue are not run (their canvas stays background)
+    immune_threshold: float = DEFAULT_THRESHOLD
+    peak_radius_px: int = 2  # a peak is the maximum of its (2r+1)² neighbourhood (as in validation)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tile_size % 32 or self.tile_size <= 0:
+            raise ValueError(f"tile size must be a positive multiple of 32, got {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size // 2:
+            raise ValueError(f"overlap must be in [0, tile_size / 2), got {self.overlap}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class CanvasGrid:
+    """The analysis canvas over the tissue and its tile grid (tile origins in canvas px)."""
+
+    origin: tuple[float, float]  # level-0 px of canvas pixel (0, 0)'s corner
+    scale: float  # level-0 px per canvas px
+    width: int
+    height: int
+    tile_size: int
+    overlap: int
+    nx: int
+    ny: int
+    tiles: tuple[tuple[int, int], ...]  # (column, row) of the tiles that are run, row-major
+
+    @property
+    def stride(self) -> int:
+        return self.tile_size - self.overlap
+
+    def tile_origin(self, col: int, row: int) -> tuple[int, int]:
+        return col * self.stride, row * self.stride
+
+    def owner(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The grid cell (column, row) that owns canvas positions x, y."""
+        half = self.overlap / 2
+        col = np.clip(np.floor((x - half) / self.stride), 0, self.nx - 1).astype(np.int64)
+        row = np.clip(np.floor((y - half) / self.stride), 0, self.ny - 1).astype(np.int64)
+        return col, row
+
+
+@dataclass(frozen=True, eq=False)
+class InferenceOutput:
+    """What the network saw: stitched probabilities and immune-cell peaks, in canvas px."""
+
+    grid: CanvasGrid
+    class_names: tuple[str, ...]  # names of the probability channels (Tumor, Nerve)
+    probs: np.ndarray  # (len(class_names), H, W) uint8, probability × 255
+    immune_xy: np.ndarray  # (N, 2) canvas px (pixel-centre coordinates)
+    immune_p: np.ndarray  # (N,)
+    analysis_mpp: float
+    precision: str
+    seconds: float
+
+    def immune_level0(self) -> np.ndarray:
+        g = self.grid
+        return np.asarray(g.origin) + self.immune_xy * g.scale
+
+
+def canvas_grid(slide: Slide, tissue: TissueMask, mpp: float, settings: InferSettings) -> CanvasGrid:
+    """A canvas at ``mpp`` over the tissue's bounding box and the tiles that hold tissue."""
+    scale = mpp / slide.mpp
+    ys, xs = np.nonzero(tissue.mask)
+    if len(xs) == 0:
+        return CanvasGrid((0.0, 0.0), scale, 0, 0, settings.tile_size, settings.overlap, 0, 0, ())
+    s = tissue.scale
+    x0, y0 = xs.min() * s, ys.min() * s
+    x1 = min((xs.max() + 1) * s, slide.dimensions[0])
+    y1 = min((ys.max() + 1) * s, slide.dimensions[1])
+    width, height = math.ceil((x1 - x0) / scale), math.ceil((y1 - y0) / scale)
+    t, stride = settings.tile_size, settings.tile_size - settings.overlap
+    nx = max(1, math.ceil(max(width - settings.overlap, 1) / stride))
+    ny = max(1, math.ceil(max(height - settings.overlap, 1) / stride))
+    cols, rows = np.meshgrid(np.arange(nx), np.arange(ny))
+    cols, rows = cols.ravel(), rows.ravel()
+    size0 = np.full(cols.shape, t * scale)
+    frac = tissue.fractions(x0 + cols * stride * scale, y0 + rows * stride * scale, size0, size0)
+    keep = frac >= settings.min_tissue_fraction
+    tiles = tuple((int(c), int(r)) for c, r in zip(cols[keep], rows[keep]))
+    return CanvasGrid((float(x0), float(y0)), scale, width, height, t, settings.overlap, nx, ny, tiles)
+
+
+class TileDataset(Dataset):
+    """The grid's tiles as uint8 (3, T, T) tensors. Each worker process opens the slide itself."""
+
+    def __init__(self, slide: Slide, grid: CanvasGrid, mpp: float) -> None:
+        self.path, self.slide_mpp, self.grid, self.mpp = Path(slide.path), slide.mpp, grid, mpp
+        self._slide: Slide | None = slide
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.grid.tiles)
+
+    def _open(self) -> Slide:
+        if self._slide is None or self._pid != os.getpid():  # a forked worker must not share the handle
+            self._slide, self._pid = open_slide(self.path, mpp=self.slide_mpp), os.getpid()
+        return self._slide
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = self.grid
+        x, y = g.tile_origin(*g.tiles[i])
+        loc = (g.origin[0] + x * g.scale, g.origin[1] + y * g.scale)
+        rgb = self._open().read_region(loc, (g.tile_size, g.tile_size), self.mpp)
+        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), i
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_slide"] = None  # workers started by spawn reopen the slide
+        return state
+
+
+_PRECISION_CACHE: dict[tuple[str, str], str] = {}
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _run(net: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    with torch.inference_mode(), _autocast(device, precision):
+        return net(x).float()
+
+
+def choose_precision(model: Model, x: torch.Tensor, setting: str) -> str:
+    """The precision to run in: as set, or for "auto" fp16 on CUDA; on a CPU with native bf16, bf16 when its
+    class map agrees with float32's on two tiles of this batch (checked once per weights file); else fp32."""
+    device = model.device
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "fp16"
+    if not cpu_bf16_supported():
+        return "fp32"
+    key = (model.sha256, device.type)
+    if key not in _PRECISION_CACHE:
+        c, x = model.config.num_classes, x[:2]  # two tiles tell; float32 is the slow part
+        ref = _run(model.network, x, device, "fp32")[:, :c].argmax(1)
+        low = _run(model.network, x, device, "bf16")[:, :c].argmax(1)
+        agree = float((ref == low).float().mean())
+        _PRECISION_CACHE[key] = "bf16" if agree >= AGREEMENT else "fp32"
+        log.info("bf16 agrees with fp32 on %.2f%% of pixels: running in %s", 100 * agree, _PRECISION_CACHE[key])
+    return _PRECISION_CACHE[key]
+
+
+def _owned_peaks(peaks: torch.Tensor, grid: CanvasGrid, col: int, row: int) -> np.ndarray:
+    """(K, 3) canvas [x, y, p] of the tile's peaks that lie in its own grid cell and on the canvas."""
+    pts = peaks.cpu().numpy().astype(np.float64)
+    if not len(pts):
+        return pts.reshape(0, 3)
+    x0, y0 = grid.tile_origin(col, row)
+    pts[:, 0] += x0
+    pts[:, 1] += y0
+    c, r = grid.owner(pts[:, 0], pts[:, 1])
+    keep = (c == col) & (r == row) & (pts[:, 0] < grid.width) & (pts[:, 1] < grid.height)
+    return pts[keep]
+
+
+def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: InferSettings = InferSettings(),
+                  workdir: Path | None = None) -> InferenceOutput:
+    """Run the model over the slide's tissue; see the module docstring for the canvas and the peaks."""
+    t0 = time.perf_counter()
+    cfg, device = model.config, model.device
+    grid = canvas_grid(slide, tissue, cfg.analysis_mpp, settings)
+    keep = [cfg.class_index(n) for n in cfg.class_names if n != cfg.class_names[0]]  # all but background
+    names = tuple(cfg.class_names[k] for k in keep)
+    stitcher = Stitcher(grid.width, grid.height, len(keep), grid.tile_size, grid.overlap, workdir)
+    net = model.network.eval().to(memory_format=torch.channels_last)
+    loader = DataLoader(TileDataset(slide, grid, cfg.analysis_mpp), batch_size=settings.batch_size,
+                        num_workers=settings.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=2 if settings.workers else None)
+    found: list[np.ndarray] = []
+    precision = None
+    bar = tqdm(total=len(grid.tiles), desc=slide.path.name, unit="tile", disable=not settings.progress,
+               leave=False, dynamic_ncols=True)
+    with bar:
+        for images, idx in loader:
+            x = normalize(images.to(device, non_blocking=True), cfg).contiguous(memory_format=torch.channels_last)
+            precision = precision or choose_precision(model, x, settings.precision)
+            out = _run(net, x, device, precision)
+            probs = torch.softmax(out[:, : cfg.num_classes], 1)[:, keep].cpu().numpy()
+            peaks = find_peaks(torch.sigmoid(out[:, cfg.num_classes]), settings.immune_threshold,
+                               settings.peak_radius_px)
+            for k, i in enumerate(idx.tolist()):
+                col, row = grid.tiles[i]
+                stitcher.add(*grid.tile_origin(col, row), probs[k])
+                found.append(_owned_peaks(peaks[k], grid, col, row))
+            bar.update(len(idx))
+    canvas = stitcher.finish()
+    pts = np.concatenate(found) if found else np.zeros((0, 3))
+    seconds = time.perf_counter() - t0
+    log.info("%s: %d tiles of %d px in %.1f s (%.1f tiles/s, %s), %d immune-cell peaks", slide.path.name,
+             len(grid.tiles), grid.tile_size, seconds, len(grid.tiles) / max(seconds, 1e-9), precision or "-",
+             len(pts))
+    return InferenceOutput(grid, names, canvas, pts[:, :2], pts[:, 2], cfg.analysis_mpp, precision or "none",
+                           seconds)

@@ -1,0 +1,147 @@
+"""From stitched probabilities to objects and numbers: nerve instances and their measurements, tumour regions,
+PNI per nerve (the one rule in pni.py), immune cells, the zones and the slide metrics.
+
+Geometry is computed in canvas pixels at the analysis mpp (so µm are exact) and handed out in level-0 px.
+Zones (DESIGN.md): intratumoral = inside tumour regions (their outlines); peritumoral = within 100 µm outside
+them; perineural = within 100 µm of a nerve's boundary (both sides). Each zone is clipped to the tissue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import shapely
+from shapely.geometry import Polygon
+from shapely.geometry.base import BaseGeometry
+
+from nervedet.geometry import from_level0, mask_to_polygons, max_feret, min_feret, to_level0
+from nervedet.infer import InferenceOutput
+from nervedet.pni import PniSettings, fill_holes, grade_nerve
+from nervedet.results import NerveRecord
+from nervedet.tissue import TissueMask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PostprocessSettings:
+    min_nerve_um2: float = 200.0  # smaller nerve components are noise (a small nerve twig is ~15 µm across)
+    min_tumor_um2: float = 2000.0  # smaller tumour islands are dropped (a few tumour cells)
+    min_hole_um2: float = 50.0  # holes smaller than this are filled
+    smooth_um: float = 1.0  # opening and closing radius of the class masks
+    zone_um: float = 100.0  # peritumoral and perineural distance; also "near tumour" for pni_fraction
+    pni: PniSettings = field(default_factory=PniSettings)
+
+
+@dataclass(frozen=True, eq=False)
+class Objects:
+    """What postprocessing found, geometry in level-0 px, plus the zone statistics for the metrics."""
+
+    nerves: list[NerveRecord]
+    tumors: list[BaseGeometry]
+    immune_xy: np.ndarray  # (N, 2) level-0 px
+    immune_p: np.ndarray
+    tissue_area_mm2: float
+    tumor_area_mm2: float
+    zone_area_mm2: dict[str, float]  # intratumoral, peritumoral, perineural
+    zone_count: dict[str, int]
+
+
+def class_masks(out: InferenceOutput, smooth_px: int) -> dict[str, np.ndarray]:
+    """Each non-background class where it has the highest probability (background = 1 - the others)."""
+    p = out.probs.astype(np.int16)
+    background = 255 - p.sum(0)
+    best = p.argmax(0)
+    top = np.take_along_axis(p, best[None], 0)[0]
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * smooth_px + 1,) * 2) if smooth_px > 0 else None
+    masks = {}
+    for k, name in enumerate(out.class_names):
+        m = ((best == k) & (top > background)).astype(np.uint8)
+        if kernel is not None:
+            m = cv2.morphologyEx(cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel), cv2.MORPH_CLOSE, kernel)
+        masks[name] = m.astype(bool)
+    return masks
+
+
+def _mean_prob(prob: np.ndarray, poly: Polygon) -> float:
+    """Mean probability (0..1) of the canvas pixels inside the polygon."""
+    x0, y0, x1, y1 = (int(v) for v in (math.floor(poly.bounds[0]), math.floor(poly.bounds[1]),
+                                       math.ceil(poly.bounds[2]), math.ceil(poly.bounds[3])))
+    x0, y0 = max(x0, 0), max(y0, 0)
+    sub = prob[y0:y1, x0:x1]
+    if sub.size == 0:
+        return 0.0
+    yy, xx = np.mgrid[y0:y0 + sub.shape[0], x0:x0 + sub.shape[1]]
+    inside = shapely.contains_xy(poly, xx + 0.5, yy + 0.5)
+    return float(sub[inside].mean()) / 255.0 if inside.any() else 0.0
+
+
+def _count_in(zone: BaseGeometry | None, xy: np.ndarray) -> int:
+    if zone is None or zone.is_empty or not len(xy):
+        return 0
+    shapely.prepare(zone)
+    return int(shapely.contains_xy(zone, xy[:, 0], xy[:, 1]).sum())
+
+
+def _grade(nerve: Polygon, tumors: list[Polygon], tree: shapely.STRtree | None, mpp: float,
+           s: PostprocessSettings):
+    """PNI of one nerve against the tumour near it (the whole tumour's union is never needed)."""
+    if tree is None:
+        return grade_nerve(nerve, None, mpp, s.pni), math.inf
+    near = tree.query(nerve.buffer(s.pni.close_um / mpp * 2 + 2))
+    local = shapely.union_all([tumors[i] for i in near]) if len(near) else None
+    res = grade_nerve(nerve, local, mpp, s.pni)
+    if len(near):
+        return res, res.distance_um
+    i = tree.query_nearest(nerve)
+    return res, float(nerve.distance(tumors[int(i[0])])) * mpp
+
+
+def postprocess(out: InferenceOutput, tissue: TissueMask, settings: PostprocessSettings = PostprocessSettings()
+                ) -> Objects:
+    """Objects and zone statistics from one slide's inference output."""
+    g, mpp = out.grid, out.analysis_mpp
+    px2 = mpp * mpp  # µm² per canvas pixel
+    masks = class_masks(out, round(settings.smooth_um / mpp))
+    hole_px = settings.min_hole_um2 / px2
+    tumors = mask_to_polygons(masks["Tumor"], settings.min_tumor_um2 / px2, hole_px)
+    tumors = [t.simplify(0.5, preserve_topology=True) for t in tumors]
+    nerves = mask_to_polygons(masks["Nerve"], settings.min_nerve_um2 / px2, hole_px)
+    immune = out.immune_xy  # canvas px
+    outlines = [fill_holes(t) for t in tumors]
+    tree = shapely.STRtree(tumors) if tumors else None
+    outline_tree = shapely.STRtree(outlines) if outlines else None
+    nerve_prob = out.probs[out.class_names.index("Nerve")]
+    zone_px = settings.zone_um / mpp
+    records = []
+    for n in nerves:
+        res, distance = _grade(n, tumors, tree, mpp, settings)
+        c = n.centroid
+        intratumoral = bool(outline_tree is not None and len(outline_tree.query(c, predicate="within")))
+        records.append(NerveRecord(
+            geometry=to_level0(n, g.origin, g.scale), area_um2=n.area * px2, perimeter_um=n.length * mpp,
+            min_diameter_um=min_feret(n) * mpp, max_diameter_um=max_feret(n) * mpp,
+            probability=_mean_prob(nerve_prob, n), encirclement=res.encirclement, distance_to_tumor_um=distance,
+            pni_grade=res.grade, immune_within_100um=_count_in(n.buffer(zone_px), immune),
+            intratumoral=intratumoral))
+    # zones, in canvas px, clipped to the tissue
+    tissue_geom = shapely.union_all([from_level0(p, g.origin, g.scale) for p in tissue.to_polygons()])
+    tumor_all = shapely.union_all(outlines) if outlines else None
+    zones: dict[str, BaseGeometry | None] = {"intratumoral": None, "peritumoral": None, "perineural": None}
+    if tumor_all is not None:
+        zones["intratumoral"] = tumor_all.intersection(tissue_geom)
+        zones["peritumoral"] = tumor_all.buffer(zone_px).difference(tumor_all).intersection(tissue_geom)
+    if nerves:
+        zones["perineural"] = shapely.union_all([n.boundary.buffer(zone_px) for n in nerves]).intersection(
+            tissue_geom)
+    zone_area = {k: (z.area * px2 / 1e6 if z is not None else 0.0) for k, z in zones.items()}
+    zone_count = {k: _count_in(z, immune) for k, z in zones.items()}
+    tumors0 = [to_level0(t, g.origin, g.scale) for t in tumors]
+    log.info("%d nerves (%d PNI), %d tumour regions, %d immune cells", len(records),
+             sum(r.is_pni for r in records), len(tumors), len(immune))
+    return Objects(records, tumors0, out.immune_level0(), out.immune_p, tissue.area_mm2,
+                   sum(t.area for t in tumors) * px2 / 1e6, zone_area, zone_count)

@@ -1,0 +1,109 @@
+"""Whole-slide inference with a network whose answer is known: the canvas, the stitching and the peaks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nervedet.infer import InferSettings, canvas_grid, run_inference
+from nervedet.slide import open_slide
+from nervedet.tissue import detect_tissue
+from tests.fakes import GREEN, RED, TISSUE, draw_cells, fake_model
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """A 700 × 600 px image at 0.5 µm/px: tissue, a red (tumour) and a green (nerve) block, dots on a grid
+    whose lines fall on the seams of 256-px tiles with 64 px overlap (stride 192)."""
+    img = np.full((600, 700, 3), TISSUE, np.uint8)
+    img[40:200, 300:480] = RED
+    img[350:420, 100:260] = GREEN
+    cells = [(x, y) for x in range(20, 690, 37) for y in range(20, 590, 41)]
+    cells += [(192 + 32, 100), (192 + 31, 300), (384 + 32, 500), (500, 192 + 32), (650, 384 + 31)]  # on seams
+    cells = [c for c in cells if not (290 <= c[0] <= 490 and 30 <= c[1] <= 210)]
+    cells = [c for c in cells if not (90 <= c[0] <= 270 and 340 <= c[1] <= 430)]
+    cells = list(dict.fromkeys(cells))
+    cells = [c for c in cells if all(abs(c[0] - o[0]) + abs(c[1] - o[1]) > 8 for o in cells if o != c)]
+    draw_cells(img, cells)
+    path = tmp_path_factory.mktemp("infer") / "colours.png"
+    Image.fromarray(img).save(path)
+    return path, img, np.array(cells, float) + 0.5
+
+
+def _run(path, tile: int, overlap: int, workers: int = 0):
+    with open_slide(path, mpp=0.5) as slide:
+        tissue = detect_tissue(slide)
+        settings = InferSettings(tile_size=tile, overlap=overlap, workers=workers, progress=False,
+                                 precision="fp32", min_tissue_fraction=0.0)
+        return run_inference(fake_model(), slide, tissue, settings)
+
+
+@pytest.mark.parametrize("tile,overlap,workers", [(256, 64, 0), (384, 32, 1)])
+def test_stitched_classes_match_the_image_whatever_the_tiling(image, tile, overlap, workers) -> None:
+    path, img, _ = image
+    out = _run(path, tile, overlap, workers)
+    g = out.grid
+    assert out.class_names == ("Tumor", "Nerve")
+    assert g.width >= 690 and g.height >= 590  # the canvas covers the tissue (the whole image)
+    ox, oy = int(round(g.origin[0])), int(round(g.origin[1]))
+    crop = img[oy:oy + g.height, ox:ox + g.width]
+    tumor, nerve = out.probs[0] > 127, out.probs[1] > 127
+    assert np.array_equal(tumor, (crop == RED).all(-1))
+    assert np.array_equal(nerve, (crop == GREEN).all(-1))
+
+
+@pytest.mark.parametrize("tile,overlap", [(256, 64), (320, 96)])
+def test_every_cell_is_found_once_also_on_tile_seams(image, tile, overlap) -> None:
+    path, _, cells = image
+    out = _run(path, tile, overlap)
+    found = out.immune_level0()
+    assert len(found) == len(cells)
+    d = np.hypot(*(found[:, None, :] - cells[None, :, :]).transpose(2, 0, 1))
+    assert np.all(d.min(0) <= 1.0) and np.all(d.min(1) <= 1.0)
+
+
+def test_the_canvas_spans_the_tissue_and_only_tiles_with_tissue_are_run(image, tmp_path) -> None:
+    path, img, _ = image
+    big = np.full((1200, 1400, 3), 255, np.uint8)  # glass, the image top left, a small piece bottom right
+    big[:600, :700] = img
+    big[850:1150, 1050:1350] = TISSUE
+    p = tmp_path / "wide.png"
+    Image.fromarray(big).save(p)
+    with open_slide(p, mpp=0.5) as slide:
+        tissue = detect_tissue(slide)
+        grid = canvas_grid(slide, tissue, 0.5, InferSettings(tile_size=256, overlap=64))
+    assert grid.origin == (0.0, 0.0) and 1340 <= grid.width <= 1370 and 1140 <= grid.height <= 1170
+    truth = np.zeros(big.shape[:2], bool)
+    truth[:600, :700] = truth[850:1150, 1050:1350] = True
+    kept = set(grid.tiles)
+    for col in range(grid.nx):
+        for row in range(grid.ny):
+            x, y = grid.tile_origin(col, row)
+            share = truth[y:y + 256, x:x + 256].sum() / 256**2
+            if share == 0:
+                assert (col, row) not in kept
+            elif share > 0.2:
+                assert (col, row) in kept
+    assert 0 < len(kept) < grid.nx * grid.ny
+
+
+def test_a_slide_at_another_pixel_size_is_read_at_the_model_mpp(image, tmp_path) -> None:
+    path, img, cells = image
+    Image.fromarray(np.kron(img, np.ones((2, 2, 1), np.uint8))).save(tmp_path / "x2.png")  # 0.25 µm/px
+    with open_slide(tmp_path / "x2.png", mpp=0.25) as slide:
+        tissue = detect_tissue(slide)
+        out = run_inference(fake_model(), slide, tissue, InferSettings(tile_size=256, overlap=64,
+                            progress=False, precision="fp32", workers=0))
+    assert out.grid.scale == 2.0
+    found = out.immune_level0() / 2  # level-0 px at 0.25 µm → px of the original image
+    assert len(found) == len(cells)
+    d = np.hypot(*(found[:, None, :] - cells[None, :, :]).transpose(2, 0, 1))
+    assert np.all(d.min(0) <= 1.0)
+
+
+def test_settings_refuse_a_tile_size_the_network_cannot_take() -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        InferSettings(tile_size=500)
+    with pytest.raises(ValueError, match="overlap"):
+        InferSettings(tile_size=256, overlap=128)

@@ -1,0 +1,61 @@
+"""The blended stitcher: overlapping tiles fade into each other without seams, whatever the tiling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nervedet.stitch import Stitcher, blend_window
+
+
+def _tile_field(field: np.ndarray, tile: int, overlap: int) -> np.ndarray:
+    """Stitch ``field`` (C, H, W) cut into overlapping tiles, row-major, as inference feeds them."""
+    c, h, w = field.shape
+    stride = tile - overlap
+    s = Stitcher(w, h, c, tile, overlap)
+    padded = np.zeros((c, h + tile, w + tile), np.float32)
+    padded[:, :h, :w] = field
+    for y in range(0, h, stride):
+        for x in range(0, w, stride):
+            s.add(x, y, padded[:, y:y + tile, x:x + tile])
+    return s.finish()
+
+
+def test_window_is_one_inside_and_ramps_over_the_overlap() -> None:
+    w = blend_window(64, 16)
+    assert w[32, 32] == 1.0
+    assert w[0, 0] < 0.01 and w[0, 32] < 0.05
+    assert np.all(np.diff(w[32, :16]) > 0)  # rises monotonically across the overlap
+
+
+@pytest.mark.parametrize("tile,overlap", [(64, 16), (96, 32), (64, 0)])
+def test_a_smooth_field_comes_back_unchanged_whatever_the_tiling(tile: int, overlap: int) -> None:
+    yy, xx = np.mgrid[0:150, 0:170]
+    field = np.stack([0.5 + 0.4 * np.sin(xx / 17.0) * np.cos(yy / 23.0), (xx + yy) / 320.0]).astype(np.float32)
+    out = _tile_field(field, tile, overlap)
+    assert out.dtype == np.uint8 and out.shape == field.shape
+    assert np.abs(out / 255.0 - field).max() <= 1 / 255 + 1e-6
+
+
+def test_tiles_that_disagree_are_blended_by_distance_from_their_centre() -> None:
+    s = Stitcher(96, 32, 1, 64, 32)  # two tiles side by side, overlapping over x 32..63
+    s.add(0, 0, np.zeros((1, 64, 64), np.float32))
+    s.add(32, 0, np.ones((1, 64, 64), np.float32))
+    row = s.finish()[0, 10] / 255.0
+    assert row[:32].max() == 0 and row[64:].min() == 1  # each tile alone outside the overlap
+    assert np.all(np.diff(row[32:64]) >= 0) and abs(row[47] - 0.5) < 0.1  # a ramp, no step at a seam
+
+
+def test_rows_no_tile_reached_stay_zero() -> None:
+    s = Stitcher(64, 200, 1, 64, 0)
+    s.add(0, 0, np.ones((1, 64, 64), np.float32))
+    s.add(0, 136, np.ones((1, 64, 64), np.float32))
+    out = s.finish()[0]
+    assert out[:64].min() == 255 and out[64:136].max() == 0 and out[136:].min() == 255
+
+
+def test_tiles_out_of_row_order_are_refused() -> None:
+    s = Stitcher(64, 128, 1, 64, 0)
+    s.add(0, 64, np.ones((1, 64, 64), np.float32))
+    with pytest.raises(ValueError, match="non-decreasing y"):
+        s.add(0, 0, np.ones((1, 64, 64), np.float32))
