@@ -1,7 +1,7 @@
 """The one perineural-invasion rule (Liebig et al., Cancer 2009).
 
-Grade 3: tumour inside the nerve (any sheath layer), i.e. tumour overlapping the nerve region by at least
-``min_intraneural_um2``. Grade 2: tumour within ``close_um`` of at least 33% of the nerve's circumference.
+Grade 3: tumour inside the nerve (any sheath layer), i.e. tumour overlapping the nerve's outline (holes
+filled, notches narrower than 2 × ``close_um`` closed) by at least ``min_intraneural_um2``. Grade 2: tumour within ``close_um`` of at least 33% of the nerve's circumference.
 Grade 1: tumour within ``close_um`` of some of it, under 33%. Grade 0: no tumour that close.
 PNI means grade 2 or 3. Inference, the synthetic ground truth and evaluation all call :func:`grade_nerve`.
 """
@@ -45,15 +45,18 @@ def grade_nerve(
     """Grade one nerve against the tumour (both in pixel coordinates of pixel size ``mpp`` µm)."""
     if tumor is None or tumor.is_empty or nerve.is_empty:
         return PniResult(0, 0.0, float("inf"), 0.0)
-    # A segmented nerve has a hole where tumour sits inside it: grade against the filled outline.
-    nerve = fill_holes(nerve)
-    distance_um = float(nerve.distance(tumor)) * mpp
+    # A segmented nerve has a hole where tumour sits inside it, or a notch where that tumour reaches its edge:
+    # grade against the outline with holes filled and notches narrower than twice close_um closed.
     close_px = settings.close_um / mpp
+    nerve = fill_holes(nerve)
+    solid = fill_holes(nerve.buffer(close_px, join_style="round").buffer(-close_px, join_style="round"))
+    solid = solid if not solid.is_empty else nerve
+    distance_um = float(nerve.distance(tumor)) * mpp
     if distance_um > settings.close_um:
         return PniResult(0, 0.0, distance_um, 0.0)
     # Only the tumour near this nerve matters: clip first so the overlay work stays local.
     local = tumor.intersection(nerve.buffer(close_px * 2 + 1))
-    inside_um2 = float(local.intersection(nerve).area) * mpp * mpp
+    inside_um2 = float(local.intersection(solid).area) * mpp * mpp
     boundary = nerve.boundary
     near = boundary.intersection(local.buffer(close_px))
     encirclement = min(1.0, float(near.length) / float(boundary.length)) if boundary.length > 0 else 0.0

@@ -71,3 +71,15 @@ def test_a_sliver_of_overlap_is_not_intraneural() -> None:
     tumour = box(-200, 99.5, 200, 140)
     res = grade_nerve(NERVE, tumour, 0.5)
     assert res.grade in (1, 2) and res.intraneural_um2 < PniSettings().min_intraneural_um2
+
+
+def test_tumour_in_a_notch_of_the_segmented_nerve_is_still_intraneural() -> None:
+    # at 0.5 µm/px: a nerve of radius 50 µm with tumour (radius 15 µm) at its centre, reaching its edge by a
+    # 16 µm-wide channel, so the segmented nerve is a C, not a ring with a hole
+    tumour = Point(0, 0).buffer(30).union(box(0, -16, 100, 16))
+    nerve = NERVE.difference(tumour)
+    assert len(nerve.interiors) == 0  # the notch opens the hole
+    res = grade_nerve(nerve, tumour, 0.5)
+    assert res.grade == 3 and res.intraneural_um2 > 700
+    wide = NERVE.difference(box(-200, -60, 200, 200))  # a nerve cut by a straight edge has no notch to close
+    assert grade_nerve(wide, box(-200, -60, 200, 200).difference(NERVE.buffer(-5)), 0.5).intraneural_um2 < 50
