@@ -106,10 +106,25 @@ def analyze_one(path: Path, out: Path, model: Model, settings: AnalysisSettings,
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _earlier_rows(out: Path, seen: set[str]) -> list[CohortRow]:
+    """Rows for slides analysed into ``out`` by earlier runs and not named in this one."""
+    rows = []
+    for state in sorted(out.glob(f"*/{STATE_FILE}")):
+        try:
+            slide = str(json.loads(state.read_text(encoding="utf-8"))["slide"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        metrics = _metrics_of(state.parent)
+        if slide not in seen and metrics is not None:
+            rows.append(CohortRow(slide, "done", str(state.parent), "", metrics))
+    return rows
+
+
 def run_cohort(inputs: list[Path], out: Path, model: Model, settings: AnalysisSettings | None = None,
                mpp: float | None = None, force: bool = False,
                on_row: Callable[[CohortRow], None] | None = None) -> list[CohortRow]:
-    """Analyse every slide of ``inputs`` (files or folders) into ``out``; cohort.csv is rewritten after each."""
+    """Analyse every slide of ``inputs`` (files or folders) into ``out``. cohort.csv, rewritten after each
+    slide, has this run's rows and then those of slides that earlier runs analysed into ``out``."""
     settings = settings or AnalysisSettings()
     out.mkdir(parents=True, exist_ok=True)
     rows: list[CohortRow] = []
@@ -126,7 +141,8 @@ def run_cohort(inputs: list[Path], out: Path, model: Model, settings: AnalysisSe
         if row.status == "failed":
             log.error("%s", row.error)
         rows.append(row)
-        write_cohort_csv(out / COHORT_CSV, rows)
+        seen = {str(Path(r.slide).resolve()) for r in rows}
+        write_cohort_csv(out / COHORT_CSV, rows + _earlier_rows(out, seen))
         if on_row is not None:
             on_row(row)
     return rows

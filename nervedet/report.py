@@ -38,7 +38,7 @@ _SHIFT = 4  # fractional bits of the OpenCV polygon coordinates
 _MANY_POINTS = 5000  # above this many immune cells, draw 1-px dots
 _ALPHA = 0.35  # opacity of region fills
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
-_ERROR_WIDTH = 60
+_ERROR_WIDTH = 90
 
 
 @contextmanager
@@ -281,7 +281,7 @@ def summary_table(rows: list[CohortRow]) -> str:
     for cells, r in zip([head, *body], [None, *rows]):
         text = [c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(cells)]
         if r is not None and r.status == "failed":
-            error = " ".join(r.error.split()) or "unknown"
+            error = " ".join(r.error.replace(r.slide, Path(r.slide).name).split()) or "unknown"
             text.append("error: " + (error if len(error) <= _ERROR_WIDTH else error[: _ERROR_WIDTH - 1] + "…"))
         lines.append("  ".join(text).rstrip())
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "skipped", "failed")}

@@ -19,7 +19,7 @@ from nervedet.synth.truth import truth_features
 def test_every_option_of_every_command_has_help() -> None:
     parser = _parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert {"synth", "evaluate"} <= set(subs.choices)
+    assert {"synth", "infer", "evaluate", "train"} <= set(subs.choices)
     for name, sub in subs.choices.items():
         assert sub.description, name
         for action in sub._actions:

@@ -104,3 +104,13 @@ def test_the_api_result_saves_the_same_files_with_qupath_coordinates(slides: Pat
     feats = read_geojson(folder / "a.geojson")
     assert sum(f.classification == "Nerve" for f in feats) == 1
     assert sum(f.object_type == "detection" for f in feats) == 12
+
+
+def test_cohort_csv_keeps_the_slides_of_earlier_runs_into_the_same_folder(slides: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_cohort([slides / "a.png"], out, fake_model(), FAST, mpp=0.5)
+    run_cohort([slides / "b.png", slides / "broken.svs"], out, fake_model(), FAST, mpp=0.5)
+    table = _rows(out)
+    assert [(Path(r["slide"]).name, r["status"]) for r in table] == [("b.png", "done"), ("broken.svs", "failed"),
+                                                                     ("a.png", "done")]
+    assert table[2]["nerve_count"] == "1"
