@@ -26,9 +26,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nervedet tests scripts
 
+# The main job on a synthetic 2 x 2 mm slide with the bundled weights, then its accuracy against the truth.
 demo: $(STAMP)
-	@echo "make demo arrives with whole-slide inference (issue 4); for now it writes a synthetic slide:"
-	$(VENV)/bin/nervedet synth demo_out --seed 1 --width-mm 2 --height-mm 2
+	$(VENV)/bin/nervedet synth demo_out/slides --seed 1 --width-mm 2 --height-mm 2
+	$(VENV)/bin/nervedet infer demo_out/slides/synth_1.svs --out demo_out/results
+	$(VENV)/bin/nervedet evaluate --pred demo_out/results --truth demo_out/slides --out demo_out/evaluate.json
+	@echo "QuPath: open demo_out/slides/synth_1.svs, then File > Import objects: demo_out/results/synth_1/synth_1.geojson"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,7 +9,10 @@ from nervedet.synth import SynthSettings, make_synthetic_slide
 from nervedet.tissue import TissueMask, TissueSettings, detect_tissue, tile_grid
 
 _LAZY = {"load_model": "nervedet.weights", "Model": "nervedet.weights", "WeightsError": "nervedet.weights",
-         "ModelConfig": "nervedet.model"}
+         "ModelConfig": "nervedet.model", "analyze_slide": "nervedet.analyze", "AnalysisSettings": "nervedet.analyze",
+         "InferSettings": "nervedet.infer", "PostprocessSettings": "nervedet.postprocess",
+         "run_cohort": "nervedet.cohort", "SlideResult": "nervedet.results", "NerveRecord": "nervedet.results",
+         "SlideMetrics": "nervedet.results", "CohortRow": "nervedet.results"}
 
 
 def __getattr__(name: str):
@@ -41,4 +44,5 @@ __all__ = [
     "read_geojson",
     "tile_grid",
     "write_geojson",
+    *sorted(_LAZY),
 ]

@@ -35,7 +35,6 @@ from shapely.geometry.base import BaseGeometry
 
 from nervedet import classes
 from nervedet.geojson import Feature, clean_polygonal, read_geojson
-from nervedet.paths import SLIDE_EXTENSIONS, slide_stem
 from nervedet.matching import (
     MatchCounts,
     OverlapCounts,
@@ -44,6 +43,7 @@ from nervedet.matching import (
     polygon_parts,
     raster_overlap,
 )
+from nervedet.paths import SLIDE_EXTENSIONS, slide_stem
 
 log = logging.getLogger(__name__)
 

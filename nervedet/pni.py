@@ -1,7 +1,8 @@
 """The one perineural-invasion rule (Liebig et al., Cancer 2009).
 
 Grade 3: tumour inside the nerve (any sheath layer), i.e. tumour overlapping the nerve's outline (holes
-filled, notches narrower than 2 × ``close_um`` closed) by at least ``min_intraneural_um2``. Grade 2: tumour within ``close_um`` of at least 33% of the nerve's circumference.
+filled, notches narrower than 2 × ``close_um`` closed) by at least ``min_intraneural_um2``.
+Grade 2: tumour within ``close_um`` of at least 33% of the nerve's circumference.
 Grade 1: tumour within ``close_um`` of some of it, under 33%. Grade 0: no tumour that close.
 PNI means grade 2 or 3. Inference, the synthetic ground truth and evaluation all call :func:`grade_nerve`.
 """

@@ -1,0 +1,100 @@
+"""Whole-slide accuracy of a weights file on unseen synthetic slides, and the tile-size consistency check.
+
+1. makes three ~2 × 2 mm synthetic slides never used in training (seeds 9100-9102): an Aperio SVS at
+   0.25 µm/px, a generic pyramidal TIFF at 0.25 µm/px and an SVS at 0.5 µm/px (a 20x scan);
+2. runs the whole pipeline on them (as `nervedet infer`) and compares with their truth (as `nervedet evaluate`);
+3. runs the first slide again with 768-px tiles and compares with the 512-px run: nerve-mask Dice and the
+   immune-cell count (stitching must not depend on the tiling).
+
+Prints the tables and writes the figures as JSON (default runs/accuracy/accuracy.json). The exit status is 1
+when a target of issue 4 is not met: nerve F1 ≥ 0.90, nerve Dice ≥ 0.85, PNI F1 ≥ 0.80, immune F1 ≥ 0.85,
+512-vs-768 nerve Dice ≥ 0.98 and immune count within 1%.
+
+    .venv/bin/python scripts/accuracy.py [--weights FILE] [--out DIR] [--size-mm 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import shapely
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nervedet.analyze import AnalysisSettings, analyze_slide  # noqa: E402
+from nervedet.cohort import run_cohort  # noqa: E402
+from nervedet.evaluate import evaluate_paths, format_table, write_report  # noqa: E402
+from nervedet.infer import InferSettings  # noqa: E402
+from nervedet.report import summary_table  # noqa: E402
+from nervedet.synth import SynthSettings, make_synthetic_slide  # noqa: E402
+from nervedet.weights import load_model  # noqa: E402
+
+SLIDES = ((9100, "svs", 0.25), (9101, "tiff", 0.25), (9102, "svs", 0.5))
+TARGETS = {"nerve_f1": 0.90, "dice_nerve": 0.85, "pni_f1": 0.80, "immune_f1": 0.85}
+
+
+def nerve_dice(a: list, b: list) -> float:
+    ua, ub = shapely.union_all([n.geometry for n in a]), shapely.union_all([n.geometry for n in b])
+    total = ua.area + ub.area
+    return 2 * ua.intersection(ub).area / total if total else 1.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", type=Path, help="weights file (default: the bundled weights)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs/accuracy", help="work folder (default runs/accuracy)")
+    ap.add_argument("--size-mm", type=float, default=2.0, help="slide width and height in mm (default 2)")
+    ap.add_argument("--workers", type=int, default=1, help="tile-reading worker processes (default 1)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    truth_dir, pred_dir = args.out / "slides", args.out / "pred"
+    paths = []
+    for seed, fmt, mpp in SLIDES:
+        s = SynthSettings(seed=seed, width_mm=args.size_mm, height_mm=args.size_mm, mpp=mpp, fmt=fmt,
+                          name=f"heldout_{seed}_{fmt}_{mpp:g}")
+        slide = truth_dir / f"{s.stem}.{fmt}"
+        if not slide.exists():
+            make_synthetic_slide(truth_dir, s)
+        paths.append(slide)
+    model = load_model(args.weights)
+    settings = AnalysisSettings(infer=InferSettings(workers=args.workers))
+    rows = run_cohort(paths, pred_dir, model, settings)
+    print(summary_table(rows))
+    report = evaluate_paths(pred_dir, truth_dir)
+    print(format_table(report))
+    write_report(report, args.out / "evaluate.json")
+    mean = report.to_dict()["mean"]
+
+    first = paths[0]
+    r512 = analyze_slide(first, model=model, settings=settings)
+    r768 = analyze_slide(first, model=model, settings=AnalysisSettings(infer=InferSettings(tile_size=768,
+                                                                                            workers=args.workers)))
+    dice = nerve_dice(r512.nerves, r768.nerves)
+    n512, n768 = len(r512.immune_cells), len(r768.immune_cells)
+    count_diff = abs(n768 - n512) / max(n512, 1)
+    tiling = {"slide": first.name, "nerve_mask_dice_512_vs_768": dice, "immune_count_512": n512,
+              "immune_count_768": n768, "immune_count_rel_diff": count_diff,
+              "seconds_512": r512.metrics["runtime_s"], "seconds_768": r768.metrics["runtime_s"]}
+    print(f"tiles 512 vs 768 on {first.name}: nerve-mask Dice {dice:.4f}, immune cells {n512} vs {n768} "
+          f"({100 * count_diff:.2f}% apart); {tiling['seconds_512']:.0f} s vs {tiling['seconds_768']:.0f} s")
+
+    checks = {k: (mean[k], t, mean[k] >= t) for k, t in TARGETS.items()}
+    checks["nerve_mask_dice_512_vs_768"] = (dice, 0.98, dice >= 0.98)
+    checks["immune_count_rel_diff"] = (count_diff, 0.01, count_diff <= 0.01)
+    for k, (v, t, ok) in checks.items():
+        print(f"{'ok  ' if ok else 'MISS'} {k}: {v:.3f} (target {'≤' if 'diff' in k else '≥'} {t})")
+    result = {"weights": str(model.path), "weights_sha256": model.sha256, "slides": [p.name for p in paths],
+              "size_mm": args.size_mm, "evaluate_mean": mean, "tiling": tiling,
+              "targets_met": all(ok for _, _, ok in checks.values())}
+    (args.out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {args.out / 'accuracy.json'}")
+    return 0 if result["targets_met"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
