@@ -37,43 +37,44 @@ def mask_to_polygons(mask: np.ndarray, min_area_px: float = 0.0, min_hole_px: fl
     """Connected regions (8-connected) of a boolean mask as polygons with holes, in pixel-edge coordinates.
 
     Outer contours run through boundary pixel centres and are grown by half a pixel (mitred), so a region's
-    polygon covers its pixels. Holes are the enclosed background components (4-connected), traced the same
-    way from their own pixels. Regions under ``min_area_px`` are dropped; holes under ``min_hole_px`` filled.
+    polygon covers its pixels. Holes are the background components (4-connected) enclosed by a region,
+    traced the same way from their own pixels, in a crop around that region only (memory stays small on a
+    whole-slide mask). Regions under ``min_area_px`` are dropped; holes under ``min_hole_px`` are filled.
     """
     m = mask.astype(np.uint8)
     found, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return []
-    outers = [p for c, h in zip(found, hierarchy[0]) if h[3] == -1
-              for p in [_grown(c[:, 0, :].astype(np.float64) + 0.5)] if p is not None and p.area >= min_area_px]
-    if not outers:
-        return []
-    holes = _holes(m, min_hole_px)
-    tree = shapely.STRtree(holes) if holes else None
     out: list[Polygon] = []
-    for p in outers:
-        if tree is not None:
-            shell = Polygon(p.exterior)
-            inside = [holes[i] for i in tree.query(shell, predicate="contains_properly")]
-            if inside:
-                p = p.difference(shapely.union_all(inside))
+    for contour, (_, _, child, parent) in zip(found, hierarchy[0]):
+        if parent != -1:
+            continue
+        p = _grown(contour[:, 0, :].astype(np.float64) + 0.5)
+        if p is None or p.area < min_area_px:
+            continue
+        holes = _holes(m, contour, min_hole_px) if child != -1 else []
+        if holes:
+            p = p.difference(shapely.union_all(holes))
         out.extend(q for q in _polygons(make_valid(p)) if q.area >= min_area_px)
     return out
 
 
-def _holes(m: np.ndarray, min_hole_px: float) -> list[Polygon]:
-    """Polygons of the background components that do not touch the image border."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats((m == 0).astype(np.uint8), connectivity=4)
-    h, w = m.shape
+def _holes(m: np.ndarray, contour: np.ndarray, min_hole_px: float) -> list[Polygon]:
+    """Polygons of the background components inside one region's outer contour."""
+    x, y, w, h = cv2.boundingRect(contour)
+    inside = np.zeros((h, w), np.uint8)
+    cv2.drawContours(inside, [contour], -1, 1, thickness=cv2.FILLED, offset=(-x, -y))
+    background = inside & (m[y:y + h, x:x + w] == 0)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(background, connectivity=4)
     holes = []
     for k in range(1, n):
-        x, y, bw, bh, area = (int(v) for v in stats[k])
-        if x == 0 or y == 0 or x + bw == w or y + bh == h or area < max(min_hole_px, 1):
+        if stats[k, cv2.CC_STAT_AREA] < max(min_hole_px, 1):
             continue
-        crop = (labels[y:y + bh, x:x + bw] == k).astype(np.uint8)
-        found, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        for c in found:
-            g = _grown(c[:, 0, :].astype(np.float64) + 0.5 + (x, y))
+        bx, by, bw, bh = (int(v) for v in stats[k, :4])
+        crop = (labels[by:by + bh, bx:bx + bw] == k).astype(np.uint8)
+        rings, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        for c in rings:
+            g = _grown(c[:, 0, :].astype(np.float64) + 0.5 + (x + bx, y + by))
             if g is not None:
                 holes.append(g)
     return holes

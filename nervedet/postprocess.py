@@ -51,19 +51,28 @@ class Objects:
     zone_count: dict[str, int]
 
 
+BAND_ROWS = 2048  # class masks are made this many canvas rows at a time (memory stays bounded)
+
+
 def class_masks(out: InferenceOutput, smooth_px: int) -> dict[str, np.ndarray]:
-    """Each non-background class where it has the highest probability (background = 1 - the others)."""
-    p = out.probs.astype(np.int16)
-    background = 255 - p.sum(0)
-    best = p.argmax(0)
-    top = np.take_along_axis(p, best[None], 0)[0]
+    """Each non-background class where it has the highest probability (background = 1 - the others),
+    opened and closed with a disk of ``smooth_px``; computed in bands of rows."""
+    probs = out.probs
+    _, h, w = probs.shape
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * smooth_px + 1,) * 2) if smooth_px > 0 else None
-    masks = {}
-    for k, name in enumerate(out.class_names):
-        m = ((best == k) & (top > background)).astype(np.uint8)
-        if kernel is not None:
-            m = cv2.morphologyEx(cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel), cv2.MORPH_CLOSE, kernel)
-        masks[name] = m.astype(bool)
+    margin = 2 * smooth_px + 1  # open then close: each reaches smooth_px rows beyond the band
+    masks = {name: np.zeros((h, w), bool) for name in out.class_names}
+    for y0 in range(0, h, BAND_ROWS):
+        a, b = max(0, y0 - margin), min(h, y0 + BAND_ROWS + margin)
+        p = probs[:, a:b].astype(np.int16)
+        best = p.argmax(0)
+        top = np.take_along_axis(p, best[None], 0)[0]
+        wins = top > 255 - p.sum(0)  # above background
+        for k, name in enumerate(out.class_names):
+            m = ((best == k) & wins).astype(np.uint8)
+            if kernel is not None:
+                m = cv2.morphologyEx(cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel), cv2.MORPH_CLOSE, kernel)
+            masks[name][y0:min(h, y0 + BAND_ROWS)] = m[y0 - a:y0 - a + min(BAND_ROWS, h - y0)].astype(bool)
     return masks
 
 

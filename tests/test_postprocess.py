@@ -129,3 +129,17 @@ def test_specks_below_the_minimum_areas_are_not_objects() -> None:
     tumor[100:130, 100:130] = 1  # 225 µm²
     objs = postprocess(_output(tumor, nerve, []), _tissue())
     assert objs.nerves == [] and objs.tumors == []
+
+
+def test_class_masks_made_in_bands_equal_the_whole_canvas_at_once(monkeypatch) -> None:
+    import nervedet.postprocess as pp
+
+    rng = np.random.default_rng(0)
+    tumor = cv2.GaussianBlur(rng.random((300, 200)).astype(np.float32), (0, 0), 6)
+    nerve = cv2.GaussianBlur(rng.random((300, 200)).astype(np.float32), (0, 0), 6)
+    out = _output(tumor > np.median(tumor), nerve > np.median(nerve), [])
+    whole = pp.class_masks(out, 2)
+    monkeypatch.setattr(pp, "BAND_ROWS", 37)
+    banded = pp.class_masks(out, 2)
+    for name in out.class_names:
+        assert whole[name].any() and np.array_equal(whole[name], banded[name])
