@@ -100,8 +100,9 @@ def main() -> int:
     if real:
         images = [real / "negatives" / n for n in (*TRAIN_NEGATIVES, *HELDOUT_NEGATIVES)]
         fractions = nerve_fraction_on_negatives(model, images, mpp=0.5)
+        trained_on_negatives = (model.metadata.get("training") or {}).get("negatives", 0) > 0  # the four above
         report["negatives_nerve_fraction"] = {
-            name: {"fraction": round(v, 4), "seen_in_training": args.with_negatives and name in TRAIN_NEGATIVES}
+            name: {"fraction": round(v, 4), "seen_in_training": trained_on_negatives and name in TRAIN_NEGATIVES}
             for name, v in fractions.items()}
     out = Path(cfg.weights_path).parent / "heldout.json"  # beside the weights it measures
     out.write_text(json.dumps(report, indent=2) + "\n")
