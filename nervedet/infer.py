@@ -43,7 +43,7 @@ class InferSettings:
     precision: str = "auto"  # auto: fp16 on CUDA; bf16 on a CPU with native bf16 that agrees with fp32; else fp32
     min_tissue_fraction: float = 0.01  # tiles with less tissue are not run (their canvas stays background)
     immune_threshold: float = DEFAULT_THRESHOLD
-    peak_radius_px: int = 2  # a peak is the maximum of its (2r+1)² neighbourhood (as in validation)
+    peak_min_distance_um: float = 4.0  # immune-cell peaks closer than this to a stronger one are dropped
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -217,6 +217,7 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
                         persistent_workers=False, prefetch_factor=2 if settings.workers else None)
     found: list[np.ndarray] = []
     precision = None
+    radius = max(1, round(settings.peak_min_distance_um / cfg.analysis_mpp))  # px at the analysis mpp
     bar = tqdm(total=len(grid.tiles), desc=slide.path.name, unit="tile", disable=not settings.progress,
                leave=False, dynamic_ncols=True)
     with bar:
@@ -225,8 +226,7 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
             precision = precision or choose_precision(model, x, settings.precision)
             out = _run(net, x, device, precision)
             probs = torch.softmax(out[:, : cfg.num_classes], 1)[:, keep].cpu().numpy()
-            peaks = find_peaks(torch.sigmoid(out[:, cfg.num_classes]), settings.immune_threshold,
-                               settings.peak_radius_px)
+            peaks = find_peaks(torch.sigmoid(out[:, cfg.num_classes]), settings.immune_threshold, radius)
             for k, i in enumerate(idx.tolist()):
                 col, row = grid.tiles[i]
                 stitcher.add(*grid.tile_origin(col, row), probs[k])

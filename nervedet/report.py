@@ -220,9 +220,28 @@ def _draw_scale_bar(img: np.ndarray, overlay_mpp: float, fs: float) -> None:
     cv2.putText(img, label, (x0 + pad, y1 - 2 * pad - 3), _FONT, fs, (0, 0, 0), 1, cv2.LINE_AA)
 
 
+DENSITY_SIGMA_UM = 25.0  # smoothing of the immune-cell density heat map
+
+
+def _draw_density(img: np.ndarray, points: np.ndarray, scale: float, overlay_mpp: float) -> np.ndarray:
+    """Immune-cell density as a translucent heat map (inferno), strongest where the cells are densest."""
+    pts = np.asarray(points, float).reshape(-1, 2) * scale
+    h, w = img.shape[:2]
+    inside = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
+    if not inside.any():
+        return img
+    counts = np.zeros((h, w), np.float32)
+    np.add.at(counts, (pts[inside, 1].astype(int), pts[inside, 0].astype(int)), 1.0)
+    density = cv2.GaussianBlur(counts, (0, 0), max(DENSITY_SIGMA_UM / overlay_mpp, 1.0))
+    level = density / density.max()
+    heat = cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)[..., ::-1]
+    alpha = (0.55 * np.clip((level - 0.1) / 0.9, 0, 1))[..., None]
+    return (img * (1 - alpha) + heat * alpha).astype(np.uint8)
+
+
 def render_overlay(result: SlideResult) -> np.ndarray | None:
-    """The thumbnail with tumour, nerves, PNI nerves, immune cells, a legend and a scale bar (RGB uint8);
-    None without a thumbnail."""
+    """The thumbnail with the immune-cell density as a heat map, tumour, nerves, PNI nerves, immune cells,
+    a legend and a scale bar (RGB uint8); None without a thumbnail."""
     if result.overlay is None:
         return None
     mpp = result.slide_metrics.mpp
@@ -235,6 +254,7 @@ def render_overlay(result: SlideResult) -> np.ndarray | None:
     colors = classes.CLASS_COLORS
     pni = [n.geometry for n in result.nerves if n.is_pni]
     plain = [n.geometry for n in result.nerves if not n.is_pni]
+    img = _draw_density(img, result.immune_cells, scale, result.overlay_mpp)
     img = _draw_regions(img, result.tumors, colors[classes.TUMOR], scale, line)
     img = _draw_regions(img, plain, colors[classes.NERVE], scale, line)
     img = _draw_regions(img, pni, colors[classes.NERVE_PNI], scale, 2 * line + 1)

@@ -230,3 +230,13 @@ def test_summary_table_lists_each_slide_the_error_and_the_counts():
 def test_cohort_row_rejects_an_unknown_status():
     with pytest.raises(ValueError, match="status"):
         CohortRow("s", "running", "out/s")
+
+
+def test_overlay_shows_immune_cell_density_as_a_heat_map_where_cells_crowd(result: SlideResult):
+    angles = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+    ring = np.column_stack([150 + 6 * np.cos(angles), 120 + 6 * np.sin(angles)])  # thumbnail px, radius 6
+    cells = ring * (OVERLAY_MPP / MPP)
+    crowd = replace(result, nerves=[], tumors=[], immune_cells=cells, immune_probabilities=np.ones(len(cells)))
+    img = report.render_overlay(crowd).astype(int)
+    assert (255 - img[120, 150]).sum() > 60  # the ring's empty centre is tinted by the density
+    assert (img[120, 280] == 255).all()  # far from the crowd the tissue is left alone
