@@ -106,8 +106,8 @@ def analyze_one(path: Path, out: Path, model: Model, settings: AnalysisSettings,
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _earlier_rows(out: Path, seen: set[str]) -> list[CohortRow]:
-    """Rows for slides analysed into ``out`` by earlier runs and not named in this one."""
+def _earlier_rows(out: Path) -> list[CohortRow]:
+    """Rows for the slides that earlier runs analysed into ``out`` (read once, before this run writes)."""
     rows = []
     for state in sorted(out.glob(f"*/{STATE_FILE}")):
         try:
@@ -115,7 +115,7 @@ def _earlier_rows(out: Path, seen: set[str]) -> list[CohortRow]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         metrics = _metrics_of(state.parent)
-        if slide not in seen and metrics is not None:
+        if metrics is not None:
             rows.append(CohortRow(slide, "done", str(state.parent), "", metrics))
     return rows
 
@@ -128,6 +128,8 @@ def run_cohort(inputs: list[Path], out: Path, model: Model, settings: AnalysisSe
     settings = settings or AnalysisSettings()
     out.mkdir(parents=True, exist_ok=True)
     rows: list[CohortRow] = []
+    earlier = _earlier_rows(out)
+    seen: set[str] = set()
     stems: dict[str, Path] = {}
     for path in find_slides(inputs):
         stem = slide_stem(path)
@@ -141,8 +143,8 @@ def run_cohort(inputs: list[Path], out: Path, model: Model, settings: AnalysisSe
         if row.status == "failed":
             log.error("%s", row.error)
         rows.append(row)
-        seen = {str(Path(r.slide).resolve()) for r in rows}
-        write_cohort_csv(out / COHORT_CSV, rows + _earlier_rows(out, seen))
+        seen.add(str(path.resolve()))
+        write_cohort_csv(out / COHORT_CSV, rows + [r for r in earlier if r.slide not in seen])
         if on_row is not None:
             on_row(row)
     return rows

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from shapely.geometry import MultiPoint, Point
 from shapely.geometry.base import BaseGeometry
 
 from nervedet import classes
+from nervedet.atomic import write_text
 from nervedet.geojson import Feature, clean_polygonal, read_geojson
 from nervedet.matching import (
     MatchCounts,
@@ -326,21 +326,7 @@ def evaluate_paths(pred: str | os.PathLike[str], truth: str | os.PathLike[str], 
 
 def write_report(report: EvaluationReport, path: str | os.PathLike[str]) -> Path:
     """Write ``report.to_dict()`` as JSON, atomically (temporary file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(report.to_dict(), out, indent=2, allow_nan=False)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
 _SUFFIXES = (("_precision", "_P"), ("_recall", "_R"), ("_f1", "_F1"), ("_count", ""))

@@ -12,9 +12,7 @@ import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
 from nervedet import classes
+from nervedet.atomic import atomic_path, write_text
 from nervedet.geojson import Feature, write_geojson
 from nervedet.results import NERVE_MEASUREMENTS, CohortRow, SlideMetrics, SlideResult
 
@@ -41,35 +40,10 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _ERROR_WIDTH = 90
 
 
-@contextmanager
-def _atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
-    """A temporary path beside ``path``; renamed onto it when the block succeeds, removed when it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: PathLike, text: str) -> Path:
-    path = Path(path)
-    with _atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    return path
-
-
 def _write_csv(path: PathLike, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Path:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([columns, *rows])
-    return _write_text(path, buf.getvalue())
+    return write_text(path, buf.getvalue())
 
 
 def _json_safe(value: Any) -> Any:
@@ -112,7 +86,7 @@ def result_features(result: SlideResult) -> list[Feature]:
 def write_metrics_json(path: PathLike, metrics: dict[str, Any]) -> Path:
     """Pretty JSON; None and non-finite numbers are null."""
     text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False, ensure_ascii=False)
-    return _write_text(path, text + "\n")
+    return write_text(path, text + "\n")
 
 
 def write_nerves_csv(path: PathLike, result: SlideResult) -> Path:
@@ -146,7 +120,7 @@ def save_result(result: SlideResult, folder: Path) -> Path:
 def write_png(path: PathLike, rgb: np.ndarray) -> Path:
     """Save an RGB uint8 image as PNG, atomically."""
     path = Path(path)
-    with _atomic_path(path, suffix=".tmp.png") as tmp:
+    with atomic_path(path, suffix=".tmp.png") as tmp:
         if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {path}")
     return path
