@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 import nervedet
 from nervedet._version import __version__
+from nervedet.atomic import atomic_path
 from nervedet.model import ConfigError, ModelConfig, build_network
 
 log = logging.getLogger(__name__)
@@ -112,20 +112,13 @@ def save_weights(path: str | Path, network: torch.nn.Module, config: ModelConfig
         "nervedet_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(tensors, tmp_name, metadata=metadata)
-        with open(tmp_name, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a weights file is for everyone
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise WeightsError(f"{path}: cannot write weights ({exc.strerror or exc})") from None
-        raise
+        with atomic_path(path) as tmp:  # a weights file is for everyone: 0644
+            save_file(tensors, str(tmp), metadata=metadata)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot write weights ({exc.strerror or exc})") from None
     log.info("wrote %s (%d tensors, %s, %.1f MB)", path, len(tensors), str(dtype).replace("torch.", ""),
              path.stat().st_size / 1e6)
     return path
