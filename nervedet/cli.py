@@ -1,22 +1,30 @@
 """The `nervedet` command: a thin layer over the Python API.
 
 Every failure the user can fix (a bad file, a missing pixel size, a wrong option) ends with one line on
-stderr naming the file and the problem, and a non-zero exit status; no traceback (use -v to see one).
+stderr naming the file and the problem, and a non-zero exit status; no traceback (``--debug`` shows one).
+
+Exit status: 0 all went well; 1 an input could not be used (a bad file, weights or setting) or, for
+``infer``, at least one slide failed; 2 the command line is wrong; 3 an unexpected internal error;
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from pathlib import Path
 
 from nervedet import __version__
+from nervedet.paths import SLIDE_EXTENSIONS as SLIDE_SUFFIXES
 
 log = logging.getLogger("nervedet")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 
 def _positive(kind):
@@ -47,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"nervedet {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging (-v: info, -vv: debug and tracebacks)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error instead of its one-line message (and debug logging)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser(
@@ -111,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="px shared by neighbouring tiles, blended (default 64)")
     i.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: fp16 on CUDA, bf16 on the CPU when it agrees with fp32, else fp32 (default auto)")
-    i.add_argument("--force", action="store_true", help="analyse again even slides whose outputs are complete")
+    i.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                   help="analyse again even slides whose outputs are complete (they are replaced only once the "
+                        "new ones are)")
     i.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     t = sub.add_parser(
@@ -153,7 +165,8 @@ def _train(args: argparse.Namespace) -> int:
 def _infer(args: argparse.Namespace) -> int:
     from nervedet.analyze import AnalysisSettings
     from nervedet.cohort import COHORT_CSV, run_cohort
-    from nervedet.infer import InferSettings
+    from nervedet.infer import InferSettings, check_batch_fits
+    from nervedet.paths import find_slides
     from nervedet.report import summary_table
     from nervedet.weights import load_model
 
@@ -162,13 +175,29 @@ def _infer(args: argparse.Namespace) -> int:
     settings = AnalysisSettings(infer=InferSettings(
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
         precision=args.precision, progress=not args.no_progress))
+    if not any(p.exists() for p in args.inputs):
+        raise ValueError(f"{args.inputs[0]}: no such file or folder")
+    slides = find_slides(args.inputs)
+    if not slides:  # before the model is loaded or any output folder made
+        raise ValueError(f"no slide found in {', '.join(map(str, args.inputs))} (slides are "
+                         f"{', '.join(SLIDE_SUFFIXES)}; plain .png/.jpg images need --mpp)")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"{args.out}: --out must be a folder, and this is a file")
     model = load_model(args.weights, device=args.device)
-    rows = run_cohort(args.inputs, args.out, model, settings, mpp=args.mpp, force=args.force)
-    if not rows:
-        raise ValueError(f"no slide found in {', '.join(map(str, args.inputs))}")
+    check_batch_fits(settings.infer, model.device)
+    numbers = itertools.count(1)
+
+    def tell(row) -> None:  # errors are told by the cohort's log line already
+        n = next(numbers)
+        if row.status != "error":
+            what = "done" if row.status == "done" else "skipped: outputs complete, same weights and settings"
+            print(f"[{n}/{len(slides)}] {Path(row.slide).name}: {what}", file=sys.stderr)
+
+    rows = run_cohort(slides, args.out, model, settings, mpp=args.mpp, force=args.force,
+                      on_row=None if args.no_progress else tell)
     print(summary_table(rows))
     print(f"outputs in {args.out}/<slide>/, table of all slides in {args.out / COHORT_CSV}")
-    return EXIT_ERROR if any(r.status == "failed" for r in rows) else 0
+    return EXIT_ERROR if any(r.status == "error" for r in rows) else 0
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -210,21 +239,46 @@ def _print_table(head: tuple, rows: list[tuple]) -> None:
 COMMANDS = {"synth": _synth, "infer": _infer, "evaluate": _evaluate, "train": _train}
 
 
+class _Format(logging.Formatter):
+    """``nervedet: error: message`` for the user; the logger's name too with --debug or -v."""
+
+    def __init__(self, detailed: bool) -> None:
+        super().__init__()
+        self.detailed = detailed
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        where = f" ({record.name})" if self.detailed else ""
+        return f"nervedet: {record.levelname.lower()}{where}: {text}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    debug = args.debug or args.verbose >= 2
+    level = logging.DEBUG if debug else logging.INFO if args.verbose == 1 else logging.WARNING
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Format(debug))
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("nervedet: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as exc:  # SlideError, GeoJSONError, EvaluationError are ValueErrors
-        if args.verbose >= 2:
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as exc:  # SlideError, GeoJSONError, WeightsError, EvaluationError: ValueErrors
+        if debug:
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"nervedet: error: {msg}", file=sys.stderr)
+        print(f"nervedet: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"nervedet: internal error: {type(exc).__name__}: {_one_line(exc)} (run again with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

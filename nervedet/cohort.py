@@ -9,6 +9,7 @@ incomplete folder) is analysed again.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -66,6 +67,15 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_leftovers(out: Path, stem: str) -> None:
+    """Remove what a killed run left of this slide: its hidden partial folder, or the old folder it was
+    replacing. Only this slide's: each slide is analysed by one process at a time."""
+    for pattern in (f".{glob.escape(stem)}.partial-*", f".{glob.escape(stem)}.old-*"):
+        for leftover in out.glob(pattern):
+            log.info("%s: removing %s, left by an interrupted run", stem, leftover.name)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _error_text(path: Path, exc: BaseException) -> str:
     """One line naming the file and the problem."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -83,10 +93,11 @@ def analyze_one(path: Path, out: Path, model: Model, settings: AnalysisSettings,
         state = {"weights_sha256": model.sha256, "fingerprint": settings.fingerprint(model.sha256, mpp),
                  **_slide_identity(path)}
     except OSError as exc:
-        return CohortRow(str(path), "failed", str(final), _error_text(path, exc))
+        return CohortRow(str(path), "error", str(final), _error_text(path, exc))
     if not force and is_complete(final, stem, state):
         log.info("%s: complete in %s, skipped", path.name, final)
         return CohortRow(str(path), "skipped", str(final), "", _metrics_of(final))
+    _remove_leftovers(out, stem)
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=out))
     try:
         result: SlideResult = analyze_slide(path, model=model, mpp=mpp, settings=settings, workdir=tmp)
@@ -100,7 +111,7 @@ def analyze_one(path: Path, out: Path, model: Model, settings: AnalysisSettings,
         raise
     except Exception as exc:  # noqa: BLE001 - one bad slide gets an error row; the cohort goes on
         log.debug("%s failed", path, exc_info=True)
-        return CohortRow(str(path), "failed", str(final), _error_text(path, exc))
+        return CohortRow(str(path), "error", str(final), _error_text(path, exc))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,13 +145,13 @@ def run_cohort(inputs: list[Path], out: Path, model: Model, settings: AnalysisSe
     for path in find_slides(inputs):
         stem = slide_stem(path)
         if not path.exists():
-            row = CohortRow(str(path), "failed", "", f"{path}: no such file")
+            row = CohortRow(str(path), "error", "", f"{path}: no such file")
         elif stem in stems:
-            row = CohortRow(str(path), "failed", "", f"{path}: same output name {stem!r} as {stems[stem]}")
+            row = CohortRow(str(path), "error", "", f"{path}: same output name {stem!r} as {stems[stem]}")
         else:
             stems[stem] = path
             row = analyze_one(path, out, model, settings, mpp, force)
-        if row.status == "failed":
+        if row.status == "error":
             log.error("%s", row.error)
         rows.append(row)
         seen.add(str(path.resolve()))

@@ -39,7 +39,7 @@ OBJECT_TYPES = ("annotation", "detection")
 _DETECTION_TYPES = {"detection", "cell", "tile", "pathdetectionobject", "pathcellobject", "pathtileobject"}
 _RING, _MULTIPOLYGON, _COLLECTION = 2, 6, 7  # shapely.GeometryType ids
 _POLYGONAL = (3, 6, 7)
-_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _CHUNK = 4096
 Offset = tuple[float, float]  # openslide.bounds-x/y of the slide
 

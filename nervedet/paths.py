@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".dcm", ".vms", ".vmu", ".svslide",
@@ -9,14 +10,28 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", "
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")  # plain images (need --mpp)
 
 
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')  # path separators, control and Windows-reserved characters
+MAX_STEM_BYTES = 200
+
+
+def safe_name(stem: str) -> str:
+    """A file or folder name that stays inside its parent whatever the slide was called: no separators or
+    control characters, no leading dot (``.``, ``..`` and hidden names), at most 200 bytes."""
+    clean = _UNSAFE.sub("_", stem).strip().lstrip(".").strip()
+    while len(clean.encode("utf-8")) > MAX_STEM_BYTES:
+        clean = clean[:-1]
+    return clean or "slide"
+
+
 def slide_stem(name: str | Path) -> str:
-    """``a.svs`` → ``a``; ``b.ome.tiff`` → ``b`` (compound extensions count as one)."""
+    """``a.svs`` → ``a``; ``b.ome.tiff`` → ``b`` (compound extensions count as one); made safe as a file name
+    (:func:`safe_name`), since the outputs are filed under it."""
     name = Path(name).name
     lower = name.lower()
     for ext in sorted(SLIDE_EXTENSIONS + IMAGE_EXTENSIONS, key=len, reverse=True):
         if lower.endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
+            return safe_name(name[: -len(ext)])
+    return safe_name(Path(name).stem)
 
 
 def is_slide_file(path: Path) -> bool:

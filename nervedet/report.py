@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ _MANY_POINTS = 5000  # above this many immune cells, draw 1-px dots
 _ALPHA = 0.35  # opacity of region fills
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _ERROR_WIDTH = 90
+_ID_NAMESPACE = uuid.UUID("5b0c7c3e-7c1a-4d53-9a43-6e65727665de")  # nervedet's namespace for object ids
 
 
 def _write_csv(path: PathLike, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Path:
@@ -68,18 +70,28 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _object_ids(result: SlideResult, kind: str, n: int) -> list[str]:
+    """Name-based (version 5) UUIDs from the weights, the slide and the object's kind and number: the same
+    run gives the same ids, so a resumed cohort's files equal an uninterrupted one's byte for byte."""
+    base = uuid.uuid5(_ID_NAMESPACE, f"{result.slide_metrics.weights_sha256}/{result.stem}/{kind}")
+    return [str(uuid.uuid5(base, str(i))) for i in range(n)]
+
+
 def result_features(result: SlideResult) -> list[Feature]:
     """Tumour regions, nerves (``Nerve N``, with measurements) and immune-cell detections, in level-0 px."""
-    feats = [Feature(t, "annotation", classes.TUMOR) for t in result.tumors]
+    ids = iter(_object_ids(result, "tumor", len(result.tumors)))
+    feats = [Feature(t, "annotation", classes.TUMOR, id=next(ids)) for t in result.tumors]
+    ids = iter(_object_ids(result, "nerve", len(result.nerves)))
     for i, rec in enumerate(result.nerves, start=1):
         cls = classes.NERVE_PNI if rec.is_pni else classes.NERVE
-        feats.append(Feature(rec.geometry, "annotation", cls, rec.measurements(), name=f"Nerve {i}"))
+        feats.append(Feature(rec.geometry, "annotation", cls, rec.measurements(), name=f"Nerve {i}", id=next(ids)))
     xy = np.asarray(result.immune_cells, dtype=float).reshape(-1, 2)
     probs = np.asarray(result.immune_probabilities, dtype=float).reshape(-1)
     if len(probs) != len(xy):
         raise ValueError(f"{result.stem}: {len(xy)} immune cells but {len(probs)} probabilities")
+    ids = iter(_object_ids(result, "immune", len(xy)))
     for point, p in zip(shapely.points(xy), probs.tolist()):
-        feats.append(Feature(point, "detection", classes.IMMUNE, {"Probability": p}))
+        feats.append(Feature(point, "detection", classes.IMMUNE, {"Probability": p}, id=next(ids)))
     return feats
 
 
@@ -243,10 +255,10 @@ def render_overlay(result: SlideResult) -> np.ndarray | None:
 
 
 def write_cohort_csv(path: PathLike, rows: list[CohortRow]) -> Path:
-    """One row per slide: ``COHORT_CSV_COLUMNS``; failed slides have empty metric cells."""
+    """One row per slide: ``COHORT_CSV_COLUMNS``; slides with an error have empty metric cells."""
     out = []
     for r in rows:
-        m = {} if r.status == "failed" or r.metrics is None else r.metrics
+        m = {} if r.status == "error" or r.metrics is None else r.metrics
         out.append([r.slide, r.status, r.error, r.output, *(_cell(m.get(k)) for k in COHORT_METRICS)])
     return _write_csv(path, COHORT_CSV_COLUMNS, out)
 
@@ -266,18 +278,21 @@ def _summary_cells(row: CohortRow) -> list[str]:
     return cells
 
 
+_COUNTED = (("done", "done"), ("skipped", "skipped"), ("error", "failed"))
+
+
 def summary_table(rows: list[CohortRow]) -> str:
-    """A fixed-width text table of a cohort run, with a final line of done / skipped / failed counts."""
+    """A fixed-width text table of a cohort run, with a final line of done / skipped / failed (error) counts."""
     head = ["slide", "status", *(name for name, _, _ in _SUMMARY)]
-    body = [[Path(r.slide).name, r.status, *([] if r.status == "failed" else _summary_cells(r))] for r in rows]
+    body = [[Path(r.slide).name, r.status, *([] if r.status == "error" else _summary_cells(r))] for r in rows]
     widths = [max(len(c[i]) for c in [head, *body] if len(c) > i) for i in range(len(head))]
     lines = []
     for cells, r in zip([head, *body], [None, *rows]):
         text = [c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(cells)]
-        if r is not None and r.status == "failed":
+        if r is not None and r.status == "error":
             error = " ".join(r.error.replace(r.slide, Path(r.slide).name).split()) or "unknown"
             text.append("error: " + (error if len(error) <= _ERROR_WIDTH else error[: _ERROR_WIDTH - 1] + "…"))
         lines.append("  ".join(text).rstrip())
-    counts = {s: sum(r.status == s for r in rows) for s in ("done", "skipped", "failed")}
-    lines.append(f"{len(rows)} slides: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    counts = {word: sum(r.status == s for r in rows) for s, word in _COUNTED}
+    lines.append(f"{len(rows)} slides: " + ", ".join(f"{n} {word}" for word, n in counts.items()))
     return "\n".join(lines)

@@ -113,12 +113,12 @@ class SlideResult:
         return save_result(self, Path(folder))
 
 
-COHORT_STATUSES = ("done", "skipped", "failed")
+COHORT_STATUSES = ("done", "skipped", "error")
 
 
 @dataclass(frozen=True)
 class CohortRow:
-    """One slide of a cohort run: "done", "skipped" (outputs already complete) or "failed" (with the error).
+    """One slide of a cohort run: "done", "skipped" (outputs already complete) or "error" (with the message).
 
     ``output`` is the slide's output folder; ``metrics`` its metrics.json dict (None when it failed)."""
 

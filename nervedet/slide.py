@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +214,53 @@ def _tiff_mpp(path: Path) -> tuple[float, float] | None:
     return mpp
 
 
+class _Collect(logging.Handler):
+    """Keeps the messages of a library's logger for a moment (tifffile logs what it finds broken)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _tifffile_message(text: str) -> str:
+    return " ".join(re.sub(r"<[^>]*>", "", text).split())
+
+
+def _tiff_problem(path: Path) -> str | None:
+    """Why a file with a TIFF signature cannot be a usable slide (truncated, broken directory chain), or None.
+
+    A copy cut short keeps its first directories but points past its end; tifffile notices (and logs it), and
+    the image data of the directories it reads must lie inside the file."""
+    size = path.stat().st_size
+    logger = logging.getLogger("tifffile")
+    collect, propagate = _Collect(), logger.propagate
+    logger.addHandler(collect)
+    logger.propagate = False  # its warnings become our one-line error, not noise on stderr
+    try:
+        with tifffile.TiffFile(path) as tif:
+            end = 0
+            for page in tif.pages:
+                ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+                end = max(end, *ends) if ends else end
+    except Exception as exc:  # noqa: BLE001 - OpenSlide may still read what tifffile cannot parse
+        if collect.messages:
+            return f"truncated or corrupt TIFF: {_tifffile_message(collect.messages[0])} (the file has {size:,} bytes)"
+        log.debug("%s: tifffile cannot parse it: %s", path, exc)
+        return None
+    finally:
+        logger.removeHandler(collect)
+        logger.propagate = propagate
+    if end > size:
+        return f"truncated: its image data runs to byte {end:,} but the file ends at byte {size:,}"
+    broken = [m for m in collect.messages if "offset" in m.lower()]
+    if broken:
+        return f"truncated or corrupt TIFF: {_tifffile_message(broken[0])} (the file has {size:,} bytes)"
+    return None
+
+
 def _is_tiff(path: Path) -> bool:
     if not path.is_file():
         return False
@@ -323,6 +371,8 @@ def _open_backend(path: Path) -> tuple[_Backend, str, dict[str, str]]:
         fmt = None
     tif = None
     if _is_tiff(path):
+        if problem := _tiff_problem(path):
+            raise SlideError(f"{path}: {problem}")
         try:
             tif = tifffile.TiffFile(path)
         except Exception as exc:
@@ -348,7 +398,8 @@ def _open_backend(path: Path) -> tuple[_Backend, str, dict[str, str]]:
             vendor = (im.format or "image").lower()
             arr = _to_rgb(np.asarray(im.convert("RGBA" if "A" in im.getbands() or im.mode == "P" else "RGB")))
     except Exception as exc:
-        why = f"not a slide or image OpenSlide, tifffile or Pillow reads ({_one_line(exc)})"
+        detail = _one_line(exc).replace(f"'{path}'", "").replace(str(path), "").strip()
+        why = "not a slide or image that OpenSlide, tifffile or Pillow can read" + (f" ({detail})" if detail else "")
         raise SlideError(f"{path}: cannot open: {why}") from exc
     return _ArrayBackend([(arr.shape[1], arr.shape[0])], lambda _: arr), vendor, {}
 
@@ -359,6 +410,10 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     path = Path(path)
     if not path.exists():
         raise SlideError(f"{path}: no such file")
+    if path.is_dir() and path.suffix.lower() != ".dcm":
+        raise SlideError(f"{path}: a folder, not a slide file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise SlideError(f"{path}: empty file (0 bytes)")
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
         raise SlideError(f"{path}: mpp must be a positive number, got {mpp}")
     backend, vendor, props = _open_backend(path)

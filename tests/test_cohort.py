@@ -50,7 +50,7 @@ def test_a_bad_slide_gets_an_error_row_and_the_others_are_complete(slides: Path,
     out = tmp_path / "out"
     rows = run_cohort([slides], out, fake_model(), FAST, mpp=0.5)
     assert [(Path(r.slide).name, r.status) for r in rows] == [("a.png", "done"), ("b.png", "done"),
-                                                              ("broken.svs", "failed")]
+                                                              ("broken.svs", "error")]
     assert "broken.svs" in rows[2].error and "\n" not in rows[2].error
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", COHORT_CSV]  # no partial folder, none for broken
     for stem in ("a", "b"):
@@ -60,7 +60,7 @@ def test_a_bad_slide_gets_an_error_row_and_the_others_are_complete(slides: Path,
         metrics = json.loads((out / stem / "metrics.json").read_text())
         assert metrics["nerve_count"] == 1 and metrics["immune_cell_count"] == 12
     table = _rows(out)
-    assert [r["status"] for r in table] == ["done", "done", "failed"]
+    assert [r["status"] for r in table] == ["done", "done", "error"]
     assert table[0]["nerve_count"] == "1" and table[2]["nerve_count"] == ""
 
 
@@ -70,7 +70,7 @@ def test_a_rerun_skips_complete_slides_and_redoes_changed_or_incomplete_ones(sli
     run_cohort([slides], out, model, FAST, mpp=0.5)
     stamp = (out / "a" / "a.geojson").stat().st_mtime_ns
     again = run_cohort([slides], out, model, FAST, mpp=0.5)
-    assert [r.status for r in again] == ["skipped", "skipped", "failed"]
+    assert [r.status for r in again] == ["skipped", "skipped", "error"]
     assert (out / "a" / "a.geojson").stat().st_mtime_ns == stamp
     assert again[0].metrics["nerve_count"] == 1  # a skipped slide still has its row in cohort.csv
     assert _rows(out)[0]["nerve_count"] == "1"
@@ -90,7 +90,7 @@ def test_a_rerun_skips_complete_slides_and_redoes_changed_or_incomplete_ones(sli
 
 def test_a_plain_image_without_pixel_size_is_refused_naming_it(slides: Path, tmp_path: Path) -> None:
     rows = run_cohort([slides / "a.png"], tmp_path / "out", fake_model(), FAST)
-    assert rows[0].status == "failed" and "a.png" in rows[0].error and "--mpp" in rows[0].error
+    assert rows[0].status == "error" and "a.png" in rows[0].error and "--mpp" in rows[0].error
     assert not (tmp_path / "out" / "a").exists()
 
 
@@ -111,6 +111,6 @@ def test_cohort_csv_keeps_the_slides_of_earlier_runs_into_the_same_folder(slides
     run_cohort([slides / "a.png"], out, fake_model(), FAST, mpp=0.5)
     run_cohort([slides / "b.png", slides / "broken.svs"], out, fake_model(), FAST, mpp=0.5)
     table = _rows(out)
-    assert [(Path(r["slide"]).name, r["status"]) for r in table] == [("b.png", "done"), ("broken.svs", "failed"),
+    assert [(Path(r["slide"]).name, r["status"]) for r in table] == [("b.png", "done"), ("broken.svs", "error"),
                                                                      ("a.png", "done")]
     assert table[2]["nerve_count"] == "1"

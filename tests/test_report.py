@@ -197,7 +197,7 @@ def _cohort() -> list[CohortRow]:
     return [
         CohortRow("slide_a", "done", "out/slide_a", metrics=_metrics().to_dict()),
         CohortRow("slide_b", "skipped", "out/slide_b", metrics=_metrics(slide="slide_b", pni_count=0).to_dict()),
-        CohortRow("slide_c", "failed", "out/slide_c",
+        CohortRow("slide_c", "error", "out/slide_c",
                   error="SlideError: slide_c.svs has no mpp;\n give --mpp " + "x" * 80,
                   metrics=_metrics(slide="slide_c", nerve_count=77).to_dict()),  # stale: must not show
     ]
@@ -207,7 +207,7 @@ def test_cohort_csv_has_one_row_per_slide_and_empty_metrics_for_failures(tmp_pat
     header, rows = _read_csv(report.write_cohort_csv(tmp_path / "cohort.csv", _cohort()))
     assert header == ["slide", "status", "error", "output", *(k for k in SlideMetrics.keys() if k != "slide")]
     assert [(r["slide"], r["status"]) for r in rows] == [("slide_a", "done"), ("slide_b", "skipped"),
-                                                         ("slide_c", "failed")]
+                                                         ("slide_c", "error")]
     assert rows[0]["nerve_count"] == "2" and rows[0]["pni_fraction"] == "" and rows[1]["pni_count"] == "0"
     assert rows[2]["error"].startswith("SlideError") and rows[2]["output"] == "out/slide_c"
     assert all(rows[2][k] == "" for k in header[4:])
@@ -221,7 +221,7 @@ def test_summary_table_lists_each_slide_the_error_and_the_counts():
     for slide in ("slide_a", "slide_b", "slide_c"):
         assert slide in table
     assert "SlideError: slide_c.svs has no mpp; give --mpp" in lines[3] and "x" * 80 not in table
-    assert lines[0].index("status") == lines[1].index("done") == lines[3].index("failed")
+    assert lines[0].index("status") == lines[1].index("done") == lines[3].index("error")
     assert "12.3" in lines[1] and "0.6" in lines[1]
     assert "77" not in lines[3]
     assert lines[-1] == "3 slides: 1 done, 1 skipped, 1 failed"
