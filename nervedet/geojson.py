@@ -41,6 +41,7 @@ _RING, _MULTIPOLYGON, _COLLECTION = 2, 6, 7  # shapely.GeometryType ids
 _POLYGONAL = (3, 6, 7)
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _CHUNK = 4096
+MAX_GEOJSON_BYTES = 2 << 30  # files (or gzip contents) larger than 2 GiB are refused
 Offset = tuple[float, float]  # openslide.bounds-x/y of the slide
 
 
@@ -268,14 +269,35 @@ def write_geojson(
     return path
 
 
+def _gunzip(data: bytes, path: Path) -> bytes:
+    """Decompress at most MAX_GEOJSON_BYTES (a small file must not expand into all the memory there is)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = d.decompress(data, MAX_GEOJSON_BYTES + 1)
+    if len(out) > MAX_GEOJSON_BYTES:
+        raise GeoJSONError(f"{path}: expands to more than {MAX_GEOJSON_BYTES / 2**30:.0f} GiB of GeoJSON; refused")
+    if not d.eof:
+        raise GeoJSONError(f"{path}: not JSON (gzip stream cut short)")
+    return out
+
+
 def _load_json(path: Path) -> Any:
+    """The parsed JSON of a file (gzipped or not), bounded in size and nesting; GeoJSONError otherwise."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise GeoJSONError(f"{path}: cannot read ({e.strerror or e})") from None
+    if size > MAX_GEOJSON_BYTES:
+        raise GeoJSONError(f"{path}: {size / 2**30:.1f} GiB, over the {MAX_GEOJSON_BYTES / 2**30:.0f} GiB "
+                           "that nervedet reads; refused")
     data = path.read_bytes()
     try:
         if data[:2] == b"\x1f\x8b":
-            data = gzip_module.decompress(data)
+            data = _gunzip(data, path)
         return json.loads(data.decode("utf-8-sig"))
+    except RecursionError:
+        raise GeoJSONError(f"{path}: not GeoJSON (JSON nested too deeply)") from None
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GeoJSONError(f"{path}: not JSON ({type(e).__name__}: {e})") from None
+        raise GeoJSONError(f"{path}: not JSON ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def _feature_list(obj: Any, path: Path) -> list[Any]:
@@ -321,11 +343,23 @@ def _measurements_in(value: Any) -> dict[str, float]:
     return {str(k): float(v) for k, v in numeric}
 
 
-def _geometries_in(raws: list[dict[str, Any]], path: Path) -> np.ndarray:
-    """Shapely geometries of GeoJSON geometry dicts (points in bulk); invalid polygons repaired; None
-    where a geometry is malformed, empty or degenerate (logged)."""
+def _unclosed(raw: dict[str, Any]) -> bool:
+    """True when a Polygon or MultiPolygon ring does not end where it starts (shapely closes it silently)."""
+    coords = raw.get("coordinates")
+    polys = [coords] if raw.get("type") == "Polygon" else coords if raw.get("type") == "MultiPolygon" else []
+    try:
+        return any(len(ring) > 1 and list(ring[0][:2]) != list(ring[-1][:2]) for poly in polys for ring in poly)
+    except (TypeError, IndexError, KeyError):
+        return False  # malformed: reported as such by shape()
+
+
+def _geometries_in(raws: list[dict[str, Any]], path: Path, labels: list[str]) -> np.ndarray:
+    """Shapely geometries of GeoJSON geometry dicts (points in bulk); unclosed rings closed and invalid
+    (self-intersecting) polygons repaired, with a warning naming the features (``labels``); None where a
+    geometry is malformed, empty or degenerate (logged)."""
     geoms: list[Any] = [None] * len(raws)
     points: dict[int, list[float]] = {}
+    unclosed: list[int] = []
     for i, raw in enumerate(raws):
         xy = raw.get("coordinates")
         if raw["type"] == "Point" and isinstance(xy, list) and len(xy) in (2, 3):
@@ -335,7 +369,10 @@ def _geometries_in(raws: list[dict[str, Any]], path: Path) -> np.ndarray:
         try:
             geoms[i] = shape(raw)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, ShapelyError) as e:
-            log.debug("%s: geometry %d is malformed: %s", path, i, e)
+            log.debug("%s: %s: geometry is malformed: %s", path, labels[i], e)
+            continue
+        if raw["type"] in ("Polygon", "MultiPolygon") and _unclosed(raw):
+            unclosed.append(i)
     arr = np.empty(len(raws), dtype=object)
     arr[:] = geoms
     if points:
@@ -345,7 +382,22 @@ def _geometries_in(raws: list[dict[str, Any]], path: Path) -> np.ndarray:
     repair = np.isin(types, _POLYGONAL) & ((types == _COLLECTION) | ~shapely.is_valid(arr))
     for i in np.flatnonzero(repair):
         arr[i] = clean_polygonal(arr[i], grid_size=None)
+    invalid = [i for i in np.flatnonzero(repair) if types[i] != _COLLECTION and arr[i] is not None]
+    unclosed = [i for i in unclosed if arr[i] is not None]
+    for what, found in (("unclosed polygon rings closed", unclosed),
+                        ("self-intersecting or otherwise invalid polygons repaired", invalid)):
+        if found:
+            log.warning("%s: %d %s: %s%s", path, len(found), what, ", ".join(labels[i] for i in found[:5]),
+                        ", ..." if len(found) > 5 else "")
     return arr
+
+
+def _label(index: int, raw: dict[str, Any], props: dict[str, Any]) -> str:
+    """How a warning names a feature: its index in the file, and its id or name when it has one."""
+    ident = raw.get("id", props.get("id"))
+    name = props.get("name")
+    extra = f"id {ident}" if isinstance(ident, (str, int)) else f"name {name!r}" if isinstance(name, str) else ""
+    return f"feature {index}" + (f" ({extra})" if extra else "")
 
 
 def read_geojson(path: str | os.PathLike[str], *, offset: Offset = (0.0, 0.0)) -> list[Feature]:
@@ -366,7 +418,8 @@ def read_geojson(path: str | os.PathLike[str], *, offset: Offset = (0.0, 0.0)) -
         if not isinstance(geometry, dict) or not isinstance(geometry.get("type"), str):
             raise GeoJSONError(f"{path}: not GeoJSON (feature {i}: 'geometry' is not a geometry object)")
         kept.append((i, raw, props))
-    geoms = _geometries_in([raw["geometry"] for _, raw, _ in kept], path)
+    geoms = _geometries_in([raw["geometry"] for _, raw, _ in kept], path,
+                           [_label(i, raw, props) for i, raw, props in kept])
     geoms = _shift(geoms, float(offset[0]), float(offset[1]))
     features: list[Feature] = []
     unusable: list[int] = []
@@ -387,6 +440,7 @@ def read_geojson(path: str | os.PathLike[str], *, offset: Offset = (0.0, 0.0)) -
             )
         )
     if unusable:
-        log.warning("%s: %d features skipped (unusable geometry): %s", path, len(unusable), unusable[:5])
+        log.warning("%s: %d features skipped (malformed, empty or degenerate geometry): features %s%s", path,
+                    len(unusable), ", ".join(map(str, unusable[:5])), ", ..." if len(unusable) > 5 else "")
     log.info("read %d features from %s", len(features), path)
     return features

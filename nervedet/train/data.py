@@ -181,6 +181,7 @@ class AnnotatedSlide:
         by_class: dict[int, list[Any]] = {}
         points: list[np.ndarray] = []
         skipped = 0
+        unknown: dict[str, list[str]] = {}
         for f in features:
             name, g = f.classification, f.geometry
             if name and (name == heat_name or name.startswith(heat_name + ":")):
@@ -200,6 +201,13 @@ class AnnotatedSlide:
                     regions.append(g)
                 elif name.lower().startswith("ignore"):  # QuPath's Ignore*: no labels there
                     ignored.append(g)
+                else:
+                    unknown.setdefault(name, []).append(f"{f.name!r}" if f.name else f"id {f.id}")
+        for name, found in unknown.items():
+            log.warning("%s: %d annotations of unknown class %r (%s%s) are not labels; the classes are "
+                        "%s, Region* and Ignore*", self.spec.labels, len(found), name,
+                        ", ".join(found[:5]), ", ..." if len(found) > 5 else "",
+                        ", ".join([*self.config.class_names[1:], heat_name]))
         if skipped:
             log.info("%s: %d %r objects that are neither points nor detections ignored", self.spec.labels,
                      skipped, heat_name)
