@@ -29,6 +29,8 @@ from nervedet.weights import Model
 
 log = logging.getLogger(__name__)
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 STATE_FILE = "run.json"
 OUTPUT_FILES = ("metrics.json", "nerves.csv", "overlay.png")  # plus <stem>.geojson
 COHORT_CSV = "cohort.csv"
@@ -99,6 +101,7 @@ def analyze_one(path: Path, out: Path, model: Model, settings: AnalysisSettings,
         return CohortRow(str(path), "skipped", str(final), "", _metrics_of(final))
     _remove_leftovers(out, stem)
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=out))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's folder is private; the published one is like any other
     try:
         result: SlideResult = analyze_slide(path, model=model, mpp=mpp, settings=settings, workdir=tmp)
         result.save(tmp)
