@@ -193,8 +193,7 @@ def _infer(args: argparse.Namespace) -> int:
             what = "done" if row.status == "done" else "skipped: outputs complete, same weights and settings"
             print(f"[{n}/{len(slides)}] {Path(row.slide).name}: {what}", file=sys.stderr)
 
-    rows = run_cohort(slides, args.out, model, settings, mpp=args.mpp, force=args.force,
-                      on_row=None if args.no_progress else tell)
+    rows = run_cohort(slides, args.out, model, settings, mpp=args.mpp, force=args.force, on_row=tell)
     print(summary_table(rows))
     print(f"outputs in {args.out}/<slide>/, table of all slides in {args.out / COHORT_CSV}")
     return EXIT_ERROR if any(r.status == "error" for r in rows) else 0
