@@ -143,3 +143,17 @@ def test_class_masks_made_in_bands_equal_the_whole_canvas_at_once(monkeypatch) -
     banded = pp.class_masks(out, 2)
     for name in out.class_names:
         assert whole[name].any() and np.array_equal(whole[name], banded[name])
+
+
+def test_nerve_candidates_of_low_mean_probability_are_dropped_as_detections_below_the_score() -> None:
+    tumor = np.zeros((300, 300), np.uint8)
+    nerve = np.zeros((300, 300), np.uint8)
+    cv2.circle(nerve, (70, 70), 30, 230, -1)  # confident: mean probability 0.90
+    cv2.circle(nerve, (220, 220), 30, 165, -1)  # argmax says nerve (0.65 > 0.35), but not with confidence
+    probs = np.stack([tumor, nerve])
+    grid = CanvasGrid(ORIGIN, SCALE, 300, 300, 256, 32, 2, 2, ((0, 0),))
+    out = InferenceOutput(grid, ("Tumor", "Nerve"), probs, np.zeros((0, 2)), np.zeros(0), 0.5, "fp32", 1.0)
+    kept = postprocess(out, _tissue(), PostprocessSettings(min_nerve_probability=0.8)).nerves
+    assert [round(n.probability, 2) for n in kept] == [0.9]
+    every = postprocess(out, _tissue(), PostprocessSettings(min_nerve_probability=0.0)).nerves
+    assert sorted(round(n.probability, 2) for n in every) == [0.65, 0.9]
