@@ -126,7 +126,7 @@ def test_specks_below_the_minimum_areas_are_not_objects() -> None:
     tumor = np.zeros((200, 200), np.uint8)
     nerve = np.zeros((200, 200), np.uint8)
     nerve[10:20, 10:20] = 1  # 25 µm²
-    tumor[100:130, 100:130] = 1  # 225 µm²
+    tumor[100:125, 100:125] = 1  # 156 µm²: under 200
     objs = postprocess(_output(tumor, nerve, []), _tissue())
     assert objs.nerves == [] and objs.tumors == []
 
