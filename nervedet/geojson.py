@@ -368,8 +368,8 @@ def _geometries_in(raws: list[dict[str, Any]], path: Path, labels: list[str]) ->
                 continue
         try:
             geoms[i] = shape(raw)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, ShapelyError) as e:
-            log.debug("%s: %s: geometry is malformed: %s", path, labels[i], e)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, ShapelyError, RecursionError) as e:
+            log.debug("%s: %s: geometry is malformed: %s", path, labels[i], type(e).__name__)
             continue
         if raw["type"] in ("Polygon", "MultiPolygon") and _unclosed(raw):
             unclosed.append(i)

@@ -229,6 +229,25 @@ def _tifffile_message(text: str) -> str:
     return " ".join(re.sub(r"<[^>]*>", "", text).split())
 
 
+MAX_TIFF_SIDE = 1 << 20  # px: no scanner makes an image a million pixels wide; a corrupt header may claim it
+MAX_TIFF_TILE = 1 << 14  # px: tiles are 240-1024 px; a corrupt tile size makes OpenSlide abort the process
+
+
+def _page_problem(page: tifffile.TiffPage) -> str | None:
+    """Why a TIFF directory cannot describe a real image (corrupt sizes that would exhaust memory or abort
+    OpenSlide), or None: sizes within bounds, and as many tiles or strips as the sizes need."""
+    w, h = int(page.imagewidth), int(page.imagelength)
+    where = f"corrupt TIFF: directory {page.index}"
+    if w > MAX_TIFF_SIDE or h > MAX_TIFF_SIDE:
+        return f"{where} claims an image of {w:,} x {h:,} px"
+    if page.is_tiled and (not 0 < page.tilewidth <= MAX_TIFF_TILE or not 0 < page.tilelength <= MAX_TIFF_TILE):
+        return f"{where} claims tiles of {page.tilewidth:,} x {page.tilelength:,} px"
+    needed, listed = int(np.prod(page.chunked)), len(page.dataoffsets)
+    if needed != listed:
+        return f"{where}: a {w:,} x {h:,} px image needs {needed:,} tiles or strips but lists {listed:,}"
+    return None
+
+
 def _tiff_problem(path: Path) -> str | None:
     """Why a file with a TIFF signature cannot be a usable slide (truncated, broken directory chain), or None.
 
@@ -243,6 +262,8 @@ def _tiff_problem(path: Path) -> str | None:
         with tifffile.TiffFile(path) as tif:
             end = 0
             for page in tif.pages:
+                if problem := _page_problem(page):
+                    return problem
                 ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
                 end = max(end, *ends) if ends else end
     except Exception as exc:  # noqa: BLE001 - OpenSlide may still read what tifffile cannot parse
