@@ -280,3 +280,22 @@ def test_deeply_nested_or_oversized_geojson_is_refused_in_one_line(tmp_path: Pat
     assert bomb.stat().st_size < 1000
     with pytest.raises(GeoJSONError, match="bomb.geojson.gz: expands to more than"):
         read_geojson(bomb)
+
+
+def test_debug_shows_the_traceback_instead_of_the_one_line(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nowhere.svs"
+    with pytest.raises(ValueError, match="nowhere.svs: no such file"):
+        main(["--debug", "infer", str(missing), "--out", str(tmp_path / "out")])
+    assert main(["infer", str(missing), "--out", str(tmp_path / "out")]) == 1  # without it: the one line
+
+
+def test_an_unexpected_error_is_one_line_with_exit_status_3(tmp_path: Path, monkeypatch, capsys) -> None:
+    import nervedet.cli as cli
+
+    def boom(args):
+        raise RuntimeError("something we did not foresee")
+
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", boom)
+    assert main(["evaluate", "--pred", str(tmp_path), "--truth", str(tmp_path)]) == 3
+    line = _one_error_line(capsys.readouterr().err, "internal error", "RuntimeError", "--debug")
+    assert "something we did not foresee" in line
