@@ -1,0 +1,36 @@
+"""Immune-cell peaks: the fast square maximum equals the plain max-pool it replaces, on the CPU path and the
+1-D-pass path that other devices take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nervedet import peaks
+from nervedet.peaks import find_peaks, square_max
+
+
+@pytest.mark.parametrize("radius", [1, 2, 8])
+def test_square_max_equals_a_square_max_pool_including_the_borders(radius: int) -> None:
+    x = torch.rand(3, 1, 70, 53, generator=torch.Generator().manual_seed(radius)) - 0.5  # negatives at the border
+    expected = F.max_pool2d(x, 2 * radius + 1, stride=1, padding=radius)
+    assert torch.equal(square_max(x, radius), expected)
+    meta = x.to("meta")  # not the CPU: the two 1-D max-pools
+    assert square_max(meta, radius).shape == expected.shape
+    k = 2 * radius + 1
+    rows = F.max_pool2d(x, (1, k), stride=1, padding=(0, radius))
+    assert torch.equal(F.max_pool2d(rows, (k, 1), stride=1, padding=(radius, 0)), expected)
+
+
+def test_peaks_are_the_local_maxima_above_threshold_once_each(monkeypatch) -> None:
+    heat = torch.zeros(1, 1, 40, 40)
+    heat[0, 0, 10, 12] = 0.9
+    heat[0, 0, 11, 13] = 0.7  # within the radius of a stronger one
+    heat[0, 0, 30, 30] = 0.6
+    heat[0, 0, 30, 5] = 0.4  # under the threshold
+    (pts,) = find_peaks(heat, threshold=0.5, radius=3)
+    assert torch.allclose(pts, torch.tensor([[12.5, 10.5, 0.9], [30.5, 30.5, 0.6]]))
+    monkeypatch.setattr(peaks, "square_max", lambda x, r: F.max_pool2d(x, 2 * r + 1, 1, r))
+    (ref,) = find_peaks(heat, threshold=0.5, radius=3)
+    assert torch.equal(ref, pts)
