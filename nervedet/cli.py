@@ -39,6 +39,18 @@ def _positive(kind):
     return parse
 
 
+def _workers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number or auto: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = _positive(float)(text)
     if value > 1:
@@ -113,8 +125,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="pixel size (µm) of the slides' level 0: needed for images without one (PNG, JPEG), "
                         "overrides the file's value otherwise")
     i.add_argument("--batch-size", type=_positive(int), default=8, help="tiles per batch (default 8)")
-    i.add_argument("--workers", type=int, default=1,
-                   help="processes reading tiles while the model runs; 0 reads in the main process (default 1)")
+    i.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
+                   help="processes reading tiles while the model runs; 0 reads in the main process. auto: up to 4 "
+                        "with a GPU; on the CPU 1 where tiles are shrunk from a finer level (40x scans), else 0 "
+                        "(default auto)")
     i.add_argument("--tile-size", type=_positive(int), default=512,
                    help="tile size in px at the model's mpp, a multiple of 32 (default 512)")
     i.add_argument("--overlap", type=int, default=64,
@@ -170,8 +184,6 @@ def _infer(args: argparse.Namespace) -> int:
     from nervedet.report import summary_table
     from nervedet.weights import load_model
 
-    if args.workers < 0:
-        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     settings = AnalysisSettings(infer=InferSettings(
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
         precision=args.precision, progress=not args.no_progress))

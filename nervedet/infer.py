@@ -39,7 +39,7 @@ class InferSettings:
     tile_size: int = 512  # px at the analysis mpp (the network is fully convolutional: any multiple of 32)
     overlap: int = 64  # px shared by neighbouring tiles, blended with a raised cosine
     batch_size: int = 8
-    workers: int = 1  # DataLoader worker processes reading tiles (0: read in the main process)
+    workers: int | None = None  # DataLoader processes reading tiles (0: the main process; None: auto_workers)
     precision: str = "auto"  # auto: fp16 on CUDA; bf16 on a CPU with native bf16 that agrees with fp32; else fp32
     min_tissue_fraction: float = 0.01  # tiles with less tissue are not run (their canvas stays background)
     immune_threshold: float = DEFAULT_THRESHOLD
@@ -197,6 +197,18 @@ def check_batch_fits(settings: InferSettings, device: torch.device, channels: in
                          f"{free / 2**30:.1f} GiB free: use --batch-size {most} or less")
 
 
+def auto_workers(slide: Slide, mpp: float, device: torch.device) -> int:
+    """Tile-reading processes when none are set. On a GPU the CPU is free: up to 4 (leaving one core). On the
+    CPU the model already uses every core, and a reader process pays only where reading is heavy: where tiles
+    are decoded from a finer level and shrunk (a 40x scan at 0.5 µm/px). Measured on 2 cores: a 40x slide
+    0.71 -> 0.84 of the model's own speed with one worker, a 20x slide 0.90 -> 0.81."""
+    cores = os.cpu_count() or 1
+    if device.type != "cpu":
+        return max(1, min(4, cores - 1))
+    level = slide.level_for_mpp(mpp)
+    return 1 if mpp / slide.level_mpps[level] >= 1.5 else 0
+
+
 _PRECISION_CACHE: dict[tuple[str, str], str] = {}
 
 
@@ -255,9 +267,10 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     names = tuple(cfg.class_names[k] for k in keep)
     stitcher = Stitcher(grid.width, grid.height, len(keep), grid.tile_size, grid.overlap, workdir)
     net = model.network.eval().to(memory_format=torch.channels_last)
+    workers = settings.workers if settings.workers is not None else auto_workers(slide, cfg.analysis_mpp, device)
     loader = DataLoader(TileDataset(slide, grid, cfg.analysis_mpp), batch_size=settings.batch_size,
-                        num_workers=settings.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=2 if settings.workers else None)
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=2 if workers else None)
     found: list[np.ndarray] = []
     precision = None
     radius = max(1, round(settings.peak_min_distance_um / cfg.analysis_mpp))  # px at the analysis mpp

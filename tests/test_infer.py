@@ -107,3 +107,19 @@ def test_settings_refuse_a_tile_size_the_network_cannot_take() -> None:
         InferSettings(tile_size=500)
     with pytest.raises(ValueError, match="overlap"):
         InferSettings(tile_size=256, overlap=128)
+
+
+def test_auto_workers_read_in_a_process_only_where_tiles_are_shrunk_or_a_gpu_leaves_the_cpu_free(
+        tmp_path, pyramid_tiff) -> None:
+    import torch
+
+    from nervedet.infer import auto_workers
+    from nervedet.slide import open_slide
+
+    img = np.full((256, 256, 3), 200, np.uint8)
+    flat = open_slide(pyramid_tiff(tmp_path / "flat40x.tiff", img, mpp=0.25, n_levels=1))  # 0.5 µm/px: shrunk
+    steps = open_slide(pyramid_tiff(tmp_path / "steps.tiff", img, mpp=0.25, n_levels=3))  # has a 0.5 µm/px level
+    cpu = torch.device("cpu")
+    assert auto_workers(flat, 0.5, cpu) == 1
+    assert auto_workers(steps, 0.5, cpu) == 0
+    assert auto_workers(steps, 0.5, torch.device("cuda")) >= 1
