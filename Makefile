@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo lint bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ demo: $(STAMP)
 	$(VENV)/bin/nervedet infer demo_out/slides/synth_1.svs --out demo_out/results
 	$(VENV)/bin/nervedet evaluate --pred demo_out/results --truth demo_out/slides --out demo_out/evaluate.json
 	@echo "QuPath: open demo_out/slides/synth_1.svs, then File > Import objects: demo_out/results/synth_1/synth_1.geojson"
+
+# Speed and memory, side by side in one run (not part of the tests): see BENCHMARKS.md.
+bench: $(STAMP)
+	$(PY) scripts/benchmark.py --json runs/benchmark/benchmark.json
+
+bench-quick: $(STAMP)
+	$(PY) scripts/benchmark.py --quick --json runs/benchmark/benchmark-quick.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
