@@ -22,6 +22,8 @@ import openslide
 import tifffile
 from PIL import Image
 
+from nervedet.jpeg_tiles import JpegTiles, scale_for
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -101,10 +103,38 @@ def _window(arr: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
 
 
 class _OpenSlideBackend:
-    def __init__(self, handle: openslide.OpenSlide) -> None:
+    def __init__(self, handle: openslide.OpenSlide, path: Path | None = None) -> None:
         self.handle = handle
         self.level_dimensions = tuple(handle.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
+        self._path = path if path is not None and _is_tiff(path) else None
+        self._jpeg: JpegTiles | None = None
+        self._fast: dict[int, bool] = {}  # level -> reduced-scale JPEG reads agree with OpenSlide
+
+    def _fast_level(self, level: int) -> bool:
+        """Whether ``level`` can be read at reduced scale (checked once: one tile against OpenSlide's)."""
+        if level not in self._fast:
+            self._fast[level] = False
+            if self._path is not None:
+                try:
+                    self._jpeg = self._jpeg or JpegTiles(self._path)
+                    lv = self._jpeg.levels.get(self.level_dimensions[level])
+                    if lv is not None:
+                        x = (lv.width // 2 // lv.tile_w) * lv.tile_w
+                        y = (lv.height // 2 // lv.tile_h) * lv.tile_h
+                        w, h = min(lv.tile_w, lv.width - x), min(lv.tile_h, lv.height - y)
+                        self._fast[level] = self._jpeg.agrees(self.level_dimensions[level],
+                                                              self.read(level, x, y, w, h), x, y)
+                except Exception as exc:  # noqa: BLE001 - optional: OpenSlide reads whatever this cannot
+                    log.debug("%s: no reduced-scale JPEG reads: %s", self._path, exc)
+        return self._fast[level]
+
+    def read_scaled(self, level: int, x: int, y: int, w: int, h: int, scale: int) -> np.ndarray | None:
+        """``w`` × ``h`` px of the level decoded at 1/``scale`` from scaled px (x, y); None where not possible."""
+        if scale <= 1 or not self._fast_level(level):
+            return None
+        assert self._jpeg is not None
+        return self._jpeg.read(self.level_dimensions[level], x, y, w, h, scale)
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         d = self.level_downsamples[level]
@@ -119,6 +149,8 @@ class _OpenSlideBackend:
 
     def close(self) -> None:
         self.handle.close()
+        if self._jpeg is not None:
+            self._jpeg.close()
 
 
 class _ArrayBackend:
@@ -315,6 +347,9 @@ class Slide:
         bw = int(p.get("openslide.bounds-width", self.dimensions[0] - bx))
         bh = int(p.get("openslide.bounds-height", self.dimensions[1] - by))
         self.bounds: tuple[int, int, int, int] = (bx, by, bw, bh)  # the non-empty area
+        # Shrinking reads of JPEG-tiled TIFF levels decode at ½-⅛ scale in the DCT domain (jpeg_tiles.py)
+        # where that agrees with OpenSlide's decode; False: always decode at full size and resize.
+        self.fast_jpeg = True
 
     def __repr__(self) -> str:
         return f"Slide({str(self.path)!r}, mpp={self.mpp:.4g}, dimensions={self.dimensions})"
@@ -347,6 +382,15 @@ class Slide:
         x1, y1 = (location[0] + w * scale) / d, (location[1] + h * scale) / d
         ix0, iy0 = math.floor(x0 + _EPS), math.floor(y0 + _EPS)
         ix1, iy1 = max(math.ceil(x1 - _EPS), ix0 + 1), max(math.ceil(y1 - _EPS), iy0 + 1)
+        r = scale_for((x1 - x0) / w) if self.fast_jpeg else 1  # level px per output px -> DCT reduction
+        read_scaled = getattr(self._backend, "read_scaled", None)
+        aligned = max(abs(v / r - round(v / r)) for v in (x0, y0)) < _EPS  # on the reduced grid (as tiles are)
+        if r > 1 and aligned and read_scaled is not None:
+            sx0, sy0 = math.floor(x0 / r + _EPS), math.floor(y0 / r + _EPS)
+            sx1, sy1 = max(math.ceil(x1 / r - _EPS), sx0 + 1), max(math.ceil(y1 / r - _EPS), sy0 + 1)
+            raw = read_scaled(level, sx0, sy0, sx1 - sx0, sy1 - sy0, r)
+            if raw is not None:
+                return _fit(raw, (x0 / r - sx0, y0 / r - sy0), ((x1 - x0) / r, (y1 - y0) / r), (w, h))
         raw = self._backend.read(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
         return _fit(raw, (x0 - ix0, y0 - iy0), (x1 - x0, y1 - y0), (w, h))
 
@@ -407,7 +451,7 @@ def _open_backend(path: Path) -> tuple[_Backend, str, dict[str, str]]:
         except Exception as exc:
             raise SlideError(f"{path}: cannot open ({fmt}): {_one_line(exc)}") from exc
         props = dict(handle.properties)
-        return _OpenSlideBackend(handle), props.get("openslide.vendor", fmt), props
+        return _OpenSlideBackend(handle, path), props.get("openslide.vendor", fmt), props
     if tif is not None:
         try:
             return _TiffBackend(tif), "ome-tiff" if tif.is_ome else "tiff", {}
