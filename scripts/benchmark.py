@@ -18,7 +18,8 @@ itself (cached in --out), with the bundled weights on the device given.
     python scripts/benchmark.py [--quick] [--json FILE] [--device auto] [--out runs/benchmark]
 
 Prints a table and writes the JSON (default OUT/benchmark.json). Not part of the test suite: timings belong
-here, not in tests. The peer comparison (TIAToolbox) is not measured yet: its keys are written as null.
+here, not in tests. The peer (TIAToolbox) runs in its own venv (scripts/bench_tiatoolbox.sh); give its JSON with
+--tiatoolbox-json to add the comparison, else its keys are null.
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the figures here (default OUT/benchmark.json)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/benchmark", help="slides and results folder")
+    ap.add_argument("--tiatoolbox-json", type=Path,
+                    help="the JSON of scripts/bench_tiatoolbox.sh on OUT/full_<size>mm_0.5.svs: adds "
+                         "tiatoolbox_speedup (its time / ours) and tiatoolbox_peak_rss_gb")
     ap.add_argument("--memory-one", type=Path, help=argparse.SUPPRESS)  # internal: one memory run
     args = ap.parse_args()
     if args.memory_one:
@@ -189,8 +193,11 @@ def main() -> int:
               f"(main {m['peak_rss_gb_main']:.2f}, reader {m['peak_rss_gb_reader']:.2f})", flush=True)
     res["largest_slide_level0_px"] = sizes[-1] ** 2
     res["peak_rss_gb_largest"] = res["memory"][f"{sizes[-1]}"]["peak_rss_gb"]
-    res["tiatoolbox_speedup"] = None  # not measured yet (BENCHMARKS.md)
-    res["tiatoolbox_peak_rss_gb"] = None
+    res["tiatoolbox_speedup"] = res["tiatoolbox_peak_rss_gb"] = None
+    if args.tiatoolbox_json:  # the peer's run of the same 20x slide (scripts/bench_tiatoolbox.sh, its own venv)
+        peer = json.loads(args.tiatoolbox_json.read_text())
+        res["tiatoolbox_speedup"] = round(peer["seconds"] / res["pipeline_seconds"], 3)
+        res["tiatoolbox_peak_rss_gb"] = round(peer["peak_rss_gb"], 3)
 
     rows = [("figure", "value", "goal"),
             ("model ceiling, 20x slide (Mpx/s)", res["model_ceiling_mpx_s"], ""),
@@ -200,7 +207,8 @@ def main() -> int:
             ("raw OpenSlide read, 40x level 0 (Mpx/s)", res["read_raw_mpx_s_40x"], ""),
             ("reader tiles at 0.5 µm/px, 40x (Mpx/s)", res["read_tiles_mpx_s_40x"], ""),
             ("background_share", res["background_share"], "<= 0.05"),
-            (f"peak RSS at {sizes[-1]:,}² px (GB)", res["peak_rss_gb_largest"], "< 2.5 at 100k²")]
+            (f"peak RSS at {sizes[-1]:,}² px (GB)", res["peak_rss_gb_largest"], "< 2.5 at 100k²"),
+            ("tiatoolbox_speedup (its time / ours, 20x slide)", res["tiatoolbox_speedup"], ">= 2")]
     print(_table(rows))
     out = args.json or args.out / "benchmark.json"
     out.parent.mkdir(parents=True, exist_ok=True)
