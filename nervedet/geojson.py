@@ -17,7 +17,7 @@ import os
 import re
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,10 +353,10 @@ def _unclosed(raw: dict[str, Any]) -> bool:
         return False  # malformed: reported as such by shape()
 
 
-def _geometries_in(raws: list[dict[str, Any]], path: Path, labels: list[str]) -> np.ndarray:
+def _geometries_in(raws: list[dict[str, Any]], path: Path, label: Callable[[int], str]) -> np.ndarray:
     """Shapely geometries of GeoJSON geometry dicts (points in bulk); unclosed rings closed and invalid
-    (self-intersecting) polygons repaired, with a warning naming the features (``labels``); None where a
-    geometry is malformed, empty or degenerate (logged)."""
+    (self-intersecting) polygons repaired, with a warning naming the features (``label(i)``, asked only for
+    those); None where a geometry is malformed, empty or degenerate (logged)."""
     geoms: list[Any] = [None] * len(raws)
     points: dict[int, list[float]] = {}
     unclosed: list[int] = []
@@ -369,7 +369,7 @@ def _geometries_in(raws: list[dict[str, Any]], path: Path, labels: list[str]) ->
         try:
             geoms[i] = shape(raw)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, ShapelyError, RecursionError) as e:
-            log.debug("%s: %s: geometry is malformed: %s", path, labels[i], type(e).__name__)
+            log.debug("%s: %s: geometry is malformed: %s", path, label(i), type(e).__name__)
             continue
         if raw["type"] in ("Polygon", "MultiPolygon") and _unclosed(raw):
             unclosed.append(i)
@@ -387,7 +387,7 @@ def _geometries_in(raws: list[dict[str, Any]], path: Path, labels: list[str]) ->
     for what, found in (("unclosed polygon rings closed", unclosed),
                         ("self-intersecting or otherwise invalid polygons repaired", invalid)):
         if found:
-            log.warning("%s: %d %s: %s%s", path, len(found), what, ", ".join(labels[i] for i in found[:5]),
+            log.warning("%s: %d %s: %s%s", path, len(found), what, ", ".join(label(i) for i in found[:5]),
                         ", ..." if len(found) > 5 else "")
     return arr
 
@@ -418,8 +418,7 @@ def read_geojson(path: str | os.PathLike[str], *, offset: Offset = (0.0, 0.0)) -
         if not isinstance(geometry, dict) or not isinstance(geometry.get("type"), str):
             raise GeoJSONError(f"{path}: not GeoJSON (feature {i}: 'geometry' is not a geometry object)")
         kept.append((i, raw, props))
-    geoms = _geometries_in([raw["geometry"] for _, raw, _ in kept], path,
-                           [_label(i, raw, props) for i, raw, props in kept])
+    geoms = _geometries_in([raw["geometry"] for _, raw, _ in kept], path, lambda k: _label(*kept[k]))
     geoms = _shift(geoms, float(offset[0]), float(offset[1]))
     features: list[Feature] = []
     unusable: list[int] = []
