@@ -112,24 +112,3 @@ class JpegTiles:
         log.debug("%s: level %s decoded here differs from OpenSlide by %.2f", self.path, size, diff)
         return diff <= AGREEMENT
 
-
-def open_jpeg_tiles(path: Path, levels: dict[tuple[int, int], np.ndarray]) -> JpegTiles | None:
-    """JPEG tiles for the levels (by size) whose centre tile, given as decoded by OpenSlide in ``levels``
-    (size -> (reference array, x, y)), decodes the same here; None when no level qualifies."""
-    try:
-        tiles = JpegTiles(path)
-    except Exception as exc:  # noqa: BLE001 - the fast path is optional: OpenSlide reads everything
-        log.debug("%s: no reduced-scale JPEG reads (%s)", path, exc)
-        return None
-    good = {}
-    for size, (reference, x, y) in levels.items():
-        try:
-            if size in tiles.levels and tiles.agrees(size, reference, x, y):
-                good[size] = tiles.levels[size]
-        except Exception as exc:  # noqa: BLE001 - a tile Pillow cannot decode: OpenSlide reads this level
-            log.debug("%s: level %s not decodable here (%s)", path, size, exc)
-    tiles.levels = good
-    if not good:
-        tiles.close()
-        return None
-    return tiles
