@@ -134,15 +134,13 @@ def postprocess(out: InferenceOutput, tissue: TissueMask, settings: PostprocessS
     outline_tree = shapely.STRtree(outlines) if outlines else None
     nerve_prob = out.probs[out.class_names.index("Nerve")]
     zone_px = settings.zone_um / mpp
-    scores = [_mean_prob(nerve_prob, n) for n in nerves]
-    dropped = sum(p < settings.min_nerve_probability for p in scores)
-    if dropped:
-        log.info("%d nerve candidates dropped: mean nerve probability under %.2f", dropped,
+    scored = [(n, p) for n in nerves if (p := _mean_prob(nerve_prob, n)) >= settings.min_nerve_probability]
+    if len(scored) < len(nerves):
+        log.info("%d nerve candidates dropped: mean nerve probability under %.2f", len(nerves) - len(scored),
                  settings.min_nerve_probability)
+    nerves = [n for n, _ in scored]
     records = []
-    for n, probability in zip(nerves, scores):
-        if probability < settings.min_nerve_probability:
-            continue
+    for n, probability in scored:
         res, distance = _grade(n, tumors, tree, mpp, settings)
         c = n.centroid
         intratumoral = bool(outline_tree is not None and len(outline_tree.query(c, predicate="within")))
@@ -159,9 +157,8 @@ def postprocess(out: InferenceOutput, tissue: TissueMask, settings: PostprocessS
     if tumor_all is not None:
         zones["intratumoral"] = tumor_all.intersection(tissue_geom)
         zones["peritumoral"] = tumor_all.buffer(zone_px).difference(tumor_all).intersection(tissue_geom)
-    kept = [n for n, p in zip(nerves, scores) if p >= settings.min_nerve_probability]
-    if kept:
-        zones["perineural"] = shapely.union_all([n.boundary.buffer(zone_px) for n in kept]).intersection(
+    if nerves:
+        zones["perineural"] = shapely.union_all([n.boundary.buffer(zone_px) for n in nerves]).intersection(
             tissue_geom)
     zone_area = {k: (z.area * px2 / 1e6 if z is not None else 0.0) for k, z in zones.items()}
     zone_count = {k: _count_in(z, immune) for k, z in zones.items()}
