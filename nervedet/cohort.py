@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,11 @@ from nervedet.analyze import AnalysisSettings, analyze_slide
 from nervedet.paths import find_slides, slide_stem
 from nervedet.report import write_cohort_csv
 from nervedet.results import CohortRow, SlideResult
-from nervedet.slide import SlideError
+from nervedet.slide import SlideError, one_line
 from nervedet.weights import Model
 
 log = logging.getLogger(__name__)
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 STATE_FILE = "run.json"
 OUTPUT_FILES = ("metrics.json", "nerves.csv", "overlay.png")  # plus <stem>.geojson
 COHORT_CSV = "cohort.csv"
@@ -80,7 +78,7 @@ def _remove_leftovers(out: Path, stem: str) -> None:
 
 def _error_text(path: Path, exc: BaseException) -> str:
     """One line naming the file and the problem."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line(exc)
     if str(path) in text:  # SlideError, WeightsError and OSError messages name the file already
         return text
     return f"{path}: {text}" if isinstance(exc, SlideError) else f"{path}: {type(exc).__name__}: {text}"
@@ -100,8 +98,8 @@ def analyze_one(path: Path, out: Path, model: Model, settings: AnalysisSettings,
         log.info("%s: complete in %s, skipped", path.name, final)
         return CohortRow(str(path), "skipped", str(final), "", _metrics_of(final))
     _remove_leftovers(out, stem)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=out))
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's folder is private; the published one is like any other
+    tmp = out / f".{stem}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # not mkdtemp: its folder is private (0700); the published one gets the umask like any other
     try:
         result: SlideResult = analyze_slide(path, model=model, mpp=mpp, settings=settings, workdir=tmp)
         result.save(tmp)

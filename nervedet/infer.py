@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from nervedet.model import normalize
 from nervedet.peaks import DEFAULT_THRESHOLD, find_peaks
-from nervedet.slide import Slide, SlideError, open_slide
+from nervedet.slide import Slide, SlideError, one_line, open_slide
 from nervedet.stitch import Stitcher
 from nervedet.tissue import TissueMask
 from nervedet.weights import Model, cpu_bf16_supported
@@ -150,7 +150,7 @@ class TileDataset(Dataset):
         try:
             rgb = self._open().read_region(loc, (g.tile_size, g.tile_size), self.mpp)
         except Exception as exc:  # noqa: BLE001 - reported by the main process as one SlideError
-            text = " ".join(str(exc).split()) or type(exc).__name__
+            text = one_line(exc)
             if str(self.path) not in text:
                 text = f"{self.path}: cannot read the tile at level-0 ({loc[0]:.0f}, {loc[1]:.0f}): {text}"
             return torch.zeros((3, g.tile_size, g.tile_size), dtype=torch.uint8), i, text

@@ -321,7 +321,8 @@ def _is_tiff(path: Path) -> bool:
         return f.read(4) in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none)."""
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
@@ -442,14 +443,14 @@ def _open_backend(path: Path) -> tuple[_Backend, str, dict[str, str]]:
             tif = tifffile.TiffFile(path)
         except Exception as exc:
             if fmt is None:
-                raise SlideError(f"{path}: cannot open TIFF: {_one_line(exc)}") from exc
+                raise SlideError(f"{path}: cannot open TIFF: {one_line(exc)}") from exc
     if fmt is not None and not (fmt == "generic-tiff" and tif is not None and tif.is_ome):
         if tif is not None:
             tif.close()
         try:
             handle = openslide.OpenSlide(str(path))
         except Exception as exc:
-            raise SlideError(f"{path}: cannot open ({fmt}): {_one_line(exc)}") from exc
+            raise SlideError(f"{path}: cannot open ({fmt}): {one_line(exc)}") from exc
         props = dict(handle.properties)
         return _OpenSlideBackend(handle, path), props.get("openslide.vendor", fmt), props
     if tif is not None:
@@ -457,13 +458,13 @@ def _open_backend(path: Path) -> tuple[_Backend, str, dict[str, str]]:
             return _TiffBackend(tif), "ome-tiff" if tif.is_ome else "tiff", {}
         except Exception as exc:
             tif.close()
-            raise SlideError(f"{path}: cannot open TIFF: {_one_line(exc)}") from exc
+            raise SlideError(f"{path}: cannot open TIFF: {one_line(exc)}") from exc
     try:
         with Image.open(path) as im:
             vendor = (im.format or "image").lower()
             arr = _to_rgb(np.asarray(im.convert("RGBA" if "A" in im.getbands() or im.mode == "P" else "RGB")))
     except Exception as exc:
-        detail = _one_line(exc).replace(f"'{path}'", "").replace(str(path), "").strip()
+        detail = one_line(exc).replace(f"'{path}'", "").replace(str(path), "").strip()
         why = "not a slide or image that OpenSlide, tifffile or Pillow can read" + (f" ({detail})" if detail else "")
         raise SlideError(f"{path}: cannot open: {why}") from exc
     return _ArrayBackend([(arr.shape[1], arr.shape[0])], lambda _: arr), vendor, {}
