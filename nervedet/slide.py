@@ -280,38 +280,46 @@ def _page_problem(page: tifffile.TiffPage) -> str | None:
     return None
 
 
-def _tiff_problem(path: Path) -> str | None:
-    """Why a file with a TIFF signature cannot be a usable slide (truncated, broken directory chain), or None.
-
-    A copy cut short keeps its first directories but points past its end; tifffile notices (and logs it), and
-    the image data of the directories it reads must lie inside the file."""
+def _open_tiff(path: Path) -> tifffile.TiffFile:
+    """tifffile's view of a file with a TIFF signature, every directory read and checked once: SlideError when
+    the file is truncated or corrupt (a copy cut short keeps its first directories but points past its end;
+    tifffile notices and logs it, and the image data must lie inside the file), tifffile's own exception when
+    it cannot parse the file at all (OpenSlide may still read it)."""
     size = path.stat().st_size
     logger = logging.getLogger("tifffile")
     collect, propagate = _Collect(), logger.propagate
     logger.addHandler(collect)
     logger.propagate = False  # its warnings become our one-line error, not noise on stderr
+    tif = None
     try:
-        with tifffile.TiffFile(path) as tif:
-            end = 0
-            for page in tif.pages:
-                if problem := _page_problem(page):
-                    return problem
-                ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
-                end = max(end, *ends) if ends else end
-    except Exception as exc:  # noqa: BLE001 - OpenSlide may still read what tifffile cannot parse
+        tif = tifffile.TiffFile(path)
+        end = 0
+        for page in tif.pages:
+            if problem := _page_problem(page):
+                raise SlideError(f"{path}: {problem}")
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+            end = max(end, *ends) if ends else end
+        broken = [m for m in collect.messages if "offset" in m.lower()]
+        if end > size:
+            raise SlideError(f"{path}: truncated: its image data runs to byte {end:,} but the file ends at byte "
+                             f"{size:,}")
+        if broken:
+            raise SlideError(f"{path}: truncated or corrupt TIFF: {_tifffile_message(broken[0])} (the file has "
+                             f"{size:,} bytes)")
+        return tif
+    except SlideError:
+        tif.close()
+        raise
+    except Exception as exc:
+        if tif is not None:
+            tif.close()
         if collect.messages:
-            return f"truncated or corrupt TIFF: {_tifffile_message(collect.messages[0])} (the file has {size:,} bytes)"
-        log.debug("%s: tifffile cannot parse it: %s", path, exc)
-        return None
+            raise SlideError(f"{path}: truncated or corrupt TIFF: {_tifffile_message(collect.messages[0])} "
+                             f"(the file has {size:,} bytes)") from exc
+        raise
     finally:
         logger.removeHandler(collect)
         logger.propagate = propagate
-    if end > size:
-        return f"truncated: its image data runs to byte {end:,} but the file ends at byte {size:,}"
-    broken = [m for m in collect.messages if "offset" in m.lower()]
-    if broken:
-        return f"truncated or corrupt TIFF: {_tifffile_message(broken[0])} (the file has {size:,} bytes)"
-    return None
 
 
 def _is_tiff(path: Path) -> bool:
@@ -437,10 +445,10 @@ def _open_backend(path: Path) -> tuple[_Backend, str, dict[str, str]]:
         fmt = None
     tif = None
     if _is_tiff(path):
-        if problem := _tiff_problem(path):
-            raise SlideError(f"{path}: {problem}")
         try:
-            tif = tifffile.TiffFile(path)
+            tif = _open_tiff(path)
+        except SlideError:
+            raise
         except Exception as exc:
             if fmt is None:
                 raise SlideError(f"{path}: cannot open TIFF: {one_line(exc)}") from exc
