@@ -79,19 +79,18 @@ def _object_ids(result: SlideResult, kind: str, n: int) -> list[str]:
 
 def result_features(result: SlideResult) -> list[Feature]:
     """Tumour regions, nerves (``Nerve N``, with measurements) and immune-cell detections, in level-0 px."""
-    ids = iter(_object_ids(result, "tumor", len(result.tumors)))
-    feats = [Feature(t, "annotation", classes.TUMOR, id=next(ids)) for t in result.tumors]
-    ids = iter(_object_ids(result, "nerve", len(result.nerves)))
-    for i, rec in enumerate(result.nerves, start=1):
+    tumor_ids = _object_ids(result, "tumor", len(result.tumors))
+    feats = [Feature(t, "annotation", classes.TUMOR, id=fid) for t, fid in zip(result.tumors, tumor_ids)]
+    nerve_ids = _object_ids(result, "nerve", len(result.nerves))
+    for i, (rec, fid) in enumerate(zip(result.nerves, nerve_ids), start=1):
         cls = classes.NERVE_PNI if rec.is_pni else classes.NERVE
-        feats.append(Feature(rec.geometry, "annotation", cls, rec.measurements(), name=f"Nerve {i}", id=next(ids)))
+        feats.append(Feature(rec.geometry, "annotation", cls, rec.measurements(), name=f"Nerve {i}", id=fid))
     xy = np.asarray(result.immune_cells, dtype=float).reshape(-1, 2)
     probs = np.asarray(result.immune_probabilities, dtype=float).reshape(-1)
     if len(probs) != len(xy):
         raise ValueError(f"{result.stem}: {len(xy)} immune cells but {len(probs)} probabilities")
-    ids = iter(_object_ids(result, "immune", len(xy)))
-    for point, p in zip(shapely.points(xy), probs.tolist()):
-        feats.append(Feature(point, "detection", classes.IMMUNE, {"Probability": p}, id=next(ids)))
+    for point, p, fid in zip(shapely.points(xy), probs.tolist(), _object_ids(result, "immune", len(xy))):
+        feats.append(Feature(point, "detection", classes.IMMUNE, {"Probability": p}, id=fid))
     return feats
 
 
