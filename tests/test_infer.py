@@ -123,3 +123,23 @@ def test_auto_workers_read_in_a_process_only_where_tiles_are_shrunk_or_a_gpu_lea
     assert auto_workers(flat, 0.5, cpu) == 1
     assert auto_workers(steps, 0.5, cpu) == 0
     assert auto_workers(steps, 0.5, torch.device("cuda")) >= 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_tile_that_cannot_be_read_is_one_slide_error_line_naming_the_file(image, monkeypatch, workers) -> None:
+    from nervedet.slide import Slide, SlideError
+
+    path = image[0]
+    with open_slide(path, mpp=0.5) as slide:
+        tissue = detect_tissue(slide)
+
+        def broken(self, location, size, mpp=None):
+            raise OSError("Input/output error\n(the disk went away)")
+
+        monkeypatch.setattr(Slide, "read_region", broken)  # forked reader processes inherit it
+        settings = InferSettings(tile_size=256, overlap=64, workers=workers, progress=False, precision="fp32")
+        with pytest.raises(SlideError) as err:
+            run_inference(fake_model(), slide, tissue, settings)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: cannot read the tile at level-0")
+    assert "Input/output error (the disk went away)" in message
