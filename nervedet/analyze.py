@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from nervedet._version import __version__
-from nervedet.infer import InferSettings, run_inference
+from tqdm.auto import tqdm
+
+from nervedet.infer import InferSettings, canvas_grid, canvas_regions, run_inference
 from nervedet.paths import slide_stem
-from nervedet.postprocess import Objects, PostprocessSettings, postprocess
+from nervedet.postprocess import Objects, PostprocessSettings, merge_objects, postprocess
 from nervedet.results import SlideMetrics, SlideResult
 from nervedet.slide import Slide, open_slide
-from nervedet.tissue import TissueSettings, detect_tissue
+from nervedet.tissue import TissueMask, TissueSettings, detect_tissue
 from nervedet.weights import Model, load_model
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,26 @@ def slide_metrics(slide: Slide, objs: Objects, model: Model, settings: AnalysisS
         weights_sha256=model.sha256, nervedet_version=__version__, runtime_s=round(runtime_s, 2))
 
 
+def _infer_regions(model: Model, slide: Slide, tissue: TissueMask, settings: AnalysisSettings,
+                   workdir: Path | None) -> tuple[Objects, dict[str, Any]]:
+    """Inference and post-processing region by region (one region unless the tissue is spread far: see
+    infer.canvas_regions), so only one region's canvas is held at a time; the objects merged."""
+    mpp, s = model.config.analysis_mpp, settings.infer
+    regions = canvas_regions(slide, tissue, mpp, s)
+    total = sum(len(canvas_grid(slide, r, mpp, s).tiles) for r in regions)
+    parts, tiles, seconds, precision = [], 0, 0.0, "none"
+    with tqdm(total=total, desc=slide.path.name, unit="tile", disable=not s.progress, leave=False,
+              dynamic_ncols=True) as bar:
+        for region in regions:
+            out = run_inference(model, slide, region, s, workdir, bar=bar)
+            parts.append(postprocess(out, region, settings.post))
+            tiles, seconds = tiles + len(out.grid.tiles), seconds + out.seconds
+            precision = out.precision if out.precision != "none" else precision
+            del out  # the region's canvas goes before the next one is made
+    stats = {"precision": precision, "tiles": tiles, "inference_s": round(seconds, 2), "regions": len(regions)}
+    return merge_objects(parts), stats
+
+
 def analyze_slide(slide: str | Path | Slide, model: Model | None = None, device: str = "auto",
                   mpp: float | None = None, settings: AnalysisSettings | None = None,
                   workdir: Path | None = None) -> SlideResult:
@@ -83,16 +105,14 @@ def analyze_slide(slide: str | Path | Slide, model: Model | None = None, device:
     s = open_slide(slide, mpp=mpp) if own else slide
     try:
         tissue = detect_tissue(s, settings.tissue_mpp, settings.tissue)
-        out = run_inference(model, s, tissue, settings.infer, workdir)
-        objs = postprocess(out, tissue, settings.post)
+        objs, inferred = _infer_regions(model, s, tissue, settings, workdir)
         overlay, overlay_mpp = s.thumbnail(max_size=settings.overlay_max_px, mpp=settings.overlay_min_mpp)
         metrics = slide_metrics(s, objs, model, settings, time.perf_counter() - t0)
         return SlideResult(
             slide_path=s.path, stem=slide_stem(s.path), slide_metrics=metrics, nerves=objs.nerves,
             tumors=objs.tumors, immune_cells=objs.immune_xy, immune_probabilities=objs.immune_p, offset=s.offset,
             overlay=overlay, overlay_mpp=overlay_mpp,
-            settings={"fingerprint": settings.fingerprint(model.sha256, mpp), "precision": out.precision,
-                      "tiles": len(out.grid.tiles), "inference_s": round(out.seconds, 2),
+            settings={"fingerprint": settings.fingerprint(model.sha256, mpp), **inferred,
                       **settings.result_settings()})
     finally:
         if own:

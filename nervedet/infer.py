@@ -25,7 +25,7 @@ from nervedet.model import normalize
 from nervedet.peaks import DEFAULT_THRESHOLD, find_peaks
 from nervedet.slide import Slide, SlideError, one_line, open_slide
 from nervedet.stitch import Stitcher
-from nervedet.tissue import TissueMask
+from nervedet.tissue import TissueMask, split_regions
 from nervedet.weights import Model, cpu_bf16_supported
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ class InferSettings:
     min_tissue_fraction: float = 0.01  # tiles with less tissue are not run (their canvas stays background)
     immune_threshold: float = DEFAULT_THRESHOLD
     peak_min_distance_um: float = 4.0  # immune-cell peaks closer than this to a stronger one are dropped
+    # A canvas over all the tissue larger than this (MiB: 1 byte per pixel and class) is split into regions,
+    # each with its own canvas, so memory follows the largest region and not how far the tissue is spread;
+    max_canvas_mb: float = 512.0
+    region_gap_um: float = 500.0  # and tissue pieces nearer than this to each other stay in one region
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -51,6 +55,8 @@ class InferSettings:
             raise ValueError(f"tile size must be a positive multiple of 32, got {self.tile_size}")
         if not 0 <= self.overlap < self.tile_size // 2:
             raise ValueError(f"overlap must be in [0, tile_size / 2), got {self.overlap}")
+        if self.max_canvas_mb <= 0 or self.region_gap_um < 0:
+            raise ValueError("max_canvas_mb must be positive and region_gap_um not negative")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -123,6 +129,20 @@ def canvas_grid(slide: Slide, tissue: TissueMask, mpp: float, settings: InferSet
     keep = frac >= settings.min_tissue_fraction
     tiles = tuple((int(c), int(r)) for c, r in zip(cols[keep], rows[keep]))
     return CanvasGrid((float(x0), float(y0)), scale, width, height, t, settings.overlap, nx, ny, tiles)
+
+
+def canvas_regions(slide: Slide, tissue: TissueMask, mpp: float, settings: InferSettings,
+                   channels: int = 2) -> list[TissueMask]:
+    """The tissue as one region when its canvas fits in ``settings.max_canvas_mb``, else split into regions
+    (tissue.split_regions) whose bounding boxes are disjoint, each to be run with its own canvas."""
+    grid = canvas_grid(slide, tissue, mpp, settings)
+    size = grid.width * grid.height * channels
+    if size <= settings.max_canvas_mb * 2**20:
+        return [tissue]
+    regions = split_regions(tissue, settings.region_gap_um) or [tissue]
+    log.info("%s: a canvas over all the tissue would take %.0f MiB: %d regions with a canvas each",
+             slide.path.name, size / 2**20, len(regions))
+    return regions
 
 
 class TileDataset(Dataset):
@@ -258,8 +278,9 @@ def _owned_peaks(peaks: torch.Tensor, grid: CanvasGrid, col: int, row: int) -> n
 
 
 def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: InferSettings = InferSettings(),
-                  workdir: Path | None = None) -> InferenceOutput:
-    """Run the model over the slide's tissue; see the module docstring for the canvas and the peaks."""
+                  workdir: Path | None = None, bar: tqdm | None = None) -> InferenceOutput:
+    """Run the model over the slide's tissue (or one region of it); see the module docstring for the canvas
+    and the peaks. ``bar``: a progress bar to advance (by default one of its own)."""
     t0 = time.perf_counter()
     cfg, device = model.config, model.device
     grid = canvas_grid(slide, tissue, cfg.analysis_mpp, settings)
@@ -274,9 +295,11 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     found: list[np.ndarray] = []
     precision = None
     radius = max(1, round(settings.peak_min_distance_um / cfg.analysis_mpp))  # px at the analysis mpp
-    bar = tqdm(total=len(grid.tiles), desc=slide.path.name, unit="tile", disable=not settings.progress,
-               leave=False, dynamic_ncols=True)
-    with bar:
+    own_bar = bar is None
+    if bar is None:
+        bar = tqdm(total=len(grid.tiles), desc=slide.path.name, unit="tile", disable=not settings.progress,
+                   leave=False, dynamic_ncols=True)
+    try:
         for images, idx, errors in loader:
             if problem := next((e for e in errors if e), None):
                 raise SlideError(problem)
@@ -290,6 +313,9 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
                 stitcher.add(*grid.tile_origin(col, row), probs[k])
                 found.append(_owned_peaks(peaks[k], grid, col, row))
             bar.update(len(idx))
+    finally:
+        if own_bar:
+            bar.close()
     canvas = stitcher.finish()
     pts = np.concatenate(found) if found else np.zeros((0, 3))
     seconds = time.perf_counter() - t0

@@ -59,6 +59,27 @@ class Objects:
     zone_count: dict[str, int]
 
 
+def reading_order(geom: BaseGeometry) -> tuple[float, float]:
+    """Objects are numbered top to bottom, then left to right (by their bounding box's top-left corner)."""
+    return geom.bounds[1], geom.bounds[0]
+
+
+def merge_objects(parts: list[Objects]) -> Objects:
+    """One slide's objects from those of its regions (whose canvases, and so objects and zones, are disjoint):
+    lists joined in region order, areas and counts added."""
+    if len(parts) == 1:
+        return parts[0]
+    zones = ("intratumoral", "peritumoral", "perineural")
+    return Objects(
+        nerves=sorted((n for p in parts for n in p.nerves), key=lambda n: reading_order(n.geometry)),
+        tumors=sorted((t for p in parts for t in p.tumors), key=reading_order),
+        immune_xy=np.concatenate([p.immune_xy.reshape(-1, 2) for p in parts]) if parts else np.zeros((0, 2)),
+        immune_p=np.concatenate([p.immune_p for p in parts]) if parts else np.zeros(0),
+        tissue_area_mm2=sum(p.tissue_area_mm2 for p in parts), tumor_area_mm2=sum(p.tumor_area_mm2 for p in parts),
+        zone_area_mm2={k: sum(p.zone_area_mm2[k] for p in parts) for k in zones},
+        zone_count={k: sum(p.zone_count[k] for p in parts) for k in zones})
+
+
 BAND_ROWS = 2048  # class masks are made this many canvas rows at a time (memory stays bounded)
 
 
@@ -126,8 +147,8 @@ def postprocess(out: InferenceOutput, tissue: TissueMask, settings: PostprocessS
     masks = class_masks(out, round(settings.smooth_um / mpp))
     hole_px = settings.min_hole_um2 / px2
     tumors = mask_to_polygons(masks["Tumor"], settings.min_tumor_um2 / px2, hole_px)
-    tumors = [t.simplify(0.5, preserve_topology=True) for t in tumors]
-    nerves = mask_to_polygons(masks["Nerve"], settings.min_nerve_um2 / px2, hole_px)
+    tumors = sorted((t.simplify(0.5, preserve_topology=True) for t in tumors), key=reading_order)
+    nerves = sorted(mask_to_polygons(masks["Nerve"], settings.min_nerve_um2 / px2, hole_px), key=reading_order)
     immune = out.immune_xy  # canvas px
     outlines = [fill_holes(t) for t in tumors]
     tree = shapely.STRtree(tumors) if tumors else None

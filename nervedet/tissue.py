@@ -119,6 +119,41 @@ class TissueMask:
         return polygons
 
 
+def split_regions(tissue: TissueMask, gap_um: float) -> list[TissueMask]:
+    """The tissue as separate regions, each a TissueMask of the same shape holding only its own pixels.
+
+    Pieces nearer to each other than ``gap_um`` belong to one region, and regions whose bounding boxes touch
+    or overlap are merged, so the regions' bounding boxes are disjoint: every tissue pixel inside a region's
+    box is that region's. Ordered by the top, then the left, of their boxes. No tissue: no regions."""
+    mask = tissue.mask
+    if not mask.any():
+        return []
+    r = max(1, math.ceil(gap_um / 2 / tissue.mpp))
+    near = cv2.dilate(mask.astype(np.uint8), _disk(r))
+    _, labels = cv2.connectedComponents(near, connectivity=8)
+    boxes = [(s[1].start, s[0].start, s[1].stop, s[0].stop)  # x0, y0, x1, y1 of the tissue of each group
+             for s in ndimage.find_objects(np.where(mask, labels, 0)) if s is not None]
+    merged = True
+    while merged:  # merge boxes that touch until none do (few regions: quadratic is fine)
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]:
+                    boxes[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    regions = []
+    for x0, y0, x1, y1 in sorted(boxes, key=lambda b: (b[1], b[0])):
+        part = np.zeros_like(mask)
+        part[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+        regions.append(TissueMask(mask=part, mpp=tissue.mpp, slide_mpp=tissue.slide_mpp))
+    return regions
+
+
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
     hist, edges = np.histogram(values, bins=bins, range=(0.0, float(values.max()) + 1e-9))
     centres = (edges[:-1] + edges[1:]) / 2

@@ -14,7 +14,8 @@ import pytest
 
 from nervedet.slide import open_slide
 from nervedet.synth import SynthSettings, make_synthetic_slide
-from nervedet.tissue import TissueMask, TissueSettings, detect_tissue, tile_grid, tissue_from_rgb
+from nervedet.tissue import (TissueMask, TissueSettings, detect_tissue, split_regions, tile_grid,
+                             tissue_from_rgb)
 
 MPP = 2.0  # level-0 µm/px of the synthetic slides
 W, H = 2000, 1500  # 4 mm × 3 mm
@@ -210,3 +211,29 @@ def test_area_of_project_synthetic_slides_within_5_percent(tmp_path: Path, seed:
     with open_slide(r.slide_path) as slide:
         found = detect_tissue(slide).area_mm2
     assert found == pytest.approx(r.tissue_area_mm2, rel=0.05)
+
+
+def _boxes(regions: list[TissueMask]) -> list[tuple[int, int, int, int]]:
+    out = []
+    for r in regions:
+        ys, xs = np.nonzero(r.mask)
+        out.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+    return out
+
+
+def test_regions_split_far_pieces_and_keep_near_ones_and_nested_ones_together() -> None:
+    mask = np.zeros((400, 600), bool)  # 8 µm/px: 3.2 x 4.8 mm
+    mask[10:60, 10:80] = True  # piece A
+    mask[10:60, 85:120] = True  # B: 40 µm from A (one region with A at a 500 µm gap)
+    mask[300:390, 400:590] = True  # C: far away, a ring ...
+    mask[320:370, 420:570] = False
+    mask[335:355, 480:500] = True  # ... around D, 120 µm inside it: same box, so one region
+    mask[200:220, 10:30] = True  # E: 1.1 mm below A
+    tissue = TissueMask(mask, mpp=8.0, slide_mpp=0.5)
+    regions = split_regions(tissue, gap_um=500.0)
+    assert _boxes(regions) == [(10, 10, 120, 60), (10, 200, 30, 220), (400, 300, 590, 390)]
+    parts = np.stack([r.mask for r in regions])
+    assert np.array_equal(parts.sum(0), mask.astype(int))  # a partition of the tissue: every pixel once
+    assert _boxes(split_regions(tissue, gap_um=2000.0)) == [(10, 10, 120, 220), (400, 300, 590, 390)]  # A-B, E
+    assert len(split_regions(tissue, gap_um=6000.0)) == 1
+    assert split_regions(TissueMask(np.zeros((5, 5), bool), 8.0, 0.5), 500.0) == []
