@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nervedet._version import __version__
 from tqdm.auto import tqdm
 
+from nervedet._version import __version__
 from nervedet.infer import InferSettings, canvas_grid, canvas_regions, run_inference
 from nervedet.paths import slide_stem
 from nervedet.postprocess import Objects, PostprocessSettings, merge_objects, postprocess

@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--mpp", type=_positive(float),
                    help="pixel size (µm) of the slides' level 0: needed for images without one (PNG, JPEG), "
                         "overrides the file's value otherwise")
-    i.add_argument("--batch-size", type=_positive(int), default=8, help="tiles per batch (default 8)")
+    i.add_argument("--batch-size", type=_positive(int), default=None,
+                   help="tiles per batch (default 8 on a GPU, 4 on the CPU: as fast there, and less memory)")
     i.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
                    help="processes reading tiles while the model runs; 0 reads in the main process. auto: up to 4 "
                         "with a GPU; on the CPU 1 where tiles are shrunk from a finer level (40x scans), else 0 "
@@ -145,7 +146,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Train the U-Net on slides and their QuPath GeoJSON (Nerve, Nerve: *, Tumor polygons; Immune "
                     "cells points or detections; Region* annotations bound the labelled area) and write a "
                     "weights file (safetensors with its configuration). Checkpoints go to OUT_DIR/checkpoints; "
-                    "running the same command again resumes from the last one.")
+                    "running the same command again resumes from the last one. Several GPUs or nodes: "
+                    "--set train.devices=N (processes per node), train.num_nodes=M, train.strategy=ddp "
+                    "(Lightning DDP; gloo on the CPU); train.batch_size is per process.")
     t.add_argument("--config", type=Path, required=True,
                    help="training YAML (see configs/train.yaml and configs/quick.yaml)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -169,6 +172,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_resume:
         overrides.append("resume=false")
     result = train(load_train_config(args.config, overrides))
+    if result.rank != 0:  # the other DDP processes: rank 0 tells the result
+        return 0
     rows = [("weights", str(result.weights_path)), ("steps", result.steps), ("epochs", result.epochs),
             ("minutes", f"{result.minutes:.1f}")]
     rows += [(k, f"{v:.3f}") for k, v in sorted(result.metrics.items())]

@@ -41,14 +41,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from nervedet.analyze import AnalysisSettings, analyze_slide  # noqa: E402
-from nervedet.infer import InferSettings, TileDataset, _run, canvas_grid, choose_precision  # noqa: E402
+from nervedet.infer import InferSettings, TileDataset, _run, canvas_grid, choose_precision, default_batch_size  # noqa: E402
 from nervedet.model import normalize  # noqa: E402
 from nervedet.slide import open_slide  # noqa: E402
 from nervedet.synth import SynthSettings, make_synthetic_slide  # noqa: E402
 from nervedet.tissue import detect_tissue  # noqa: E402
 from nervedet.weights import load_model  # noqa: E402
 
-TILE, BATCH = 512, 8
+TILE = 512  # batch size: the pipeline's default for the device (4 on the CPU, 8 on a GPU)
 
 
 def make_slide(out: Path, name: str, size_mm: float, mpp: float, tissue: float, seed: int = 9400) -> Path:
@@ -71,13 +71,14 @@ def model_ceiling(model, path: Path, seconds: float) -> tuple[float, str]:
     """Megapixels per second of the network alone on preloaded tiles, and the precision it ran in."""
     cfg, device = model.config, model.device
     net = model.network.eval().to(memory_format=torch.channels_last)
-    x = normalize(_tiles(path, model, BATCH).to(device), cfg).contiguous(memory_format=torch.channels_last)
+    batch = default_batch_size(device)
+    x = normalize(_tiles(path, model, batch).to(device), cfg).contiguous(memory_format=torch.channels_last)
     precision = choose_precision(model, x, "auto")
     _run(net, x, device, precision)  # warm-up
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         out = _run(net, x, device, precision)
-        n += BATCH
+        n += batch
     if device.type == "cuda":
         torch.cuda.synchronize()
     del out
@@ -86,7 +87,7 @@ def model_ceiling(model, path: Path, seconds: float) -> tuple[float, str]:
 
 def pipeline(model, path: Path) -> dict:
     t0 = time.perf_counter()
-    r = analyze_slide(path, model=model, settings=AnalysisSettings(infer=InferSettings(tile_size=TILE, batch_size=BATCH,
+    r = analyze_slide(path, model=model, settings=AnalysisSettings(infer=InferSettings(tile_size=TILE,
                                                                                           progress=False)))
     seconds = time.perf_counter() - t0
     tiles = r.settings["tiles"]
@@ -151,7 +152,8 @@ def main() -> int:
     size = 1.5 if args.quick else 3.0
     model = load_model(device=args.device)
     res: dict = {"device": str(model.device), "quick": args.quick, "cpu": platform.processor() or platform.machine(),
-                 "cores": os.cpu_count(), "torch": torch.__version__, "tile_size": TILE, "batch_size": BATCH}
+                 "cores": os.cpu_count(), "torch": torch.__version__, "tile_size": TILE,
+           "batch_size": default_batch_size(model.device)}
     seconds = 8 if args.quick else 20
 
     for key, mpp in (("", 0.5), ("_40x", 0.25)):

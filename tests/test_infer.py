@@ -143,3 +143,13 @@ def test_a_tile_that_cannot_be_read_is_one_slide_error_line_naming_the_file(imag
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{path}: cannot read the tile at level-0")
     assert "Input/output error (the disk went away)" in message
+
+
+def test_the_default_batch_is_smaller_on_the_cpu_and_an_explicit_one_is_kept() -> None:
+    import torch
+
+    from nervedet.infer import batch_size_for
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert batch_size_for(InferSettings(), cpu) == 4 and batch_size_for(InferSettings(), cuda) == 8
+    assert batch_size_for(InferSettings(batch_size=16), cpu) == 16

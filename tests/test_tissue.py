@@ -14,8 +14,7 @@ import pytest
 
 from nervedet.slide import open_slide
 from nervedet.synth import SynthSettings, make_synthetic_slide
-from nervedet.tissue import (TissueMask, TissueSettings, detect_tissue, split_regions, tile_grid,
-                             tissue_from_rgb)
+from nervedet.tissue import TissueMask, TissueSettings, detect_tissue, split_regions, tile_grid, tissue_from_rgb
 
 MPP = 2.0  # level-0 µm/px of the synthetic slides
 W, H = 2000, 1500  # 4 mm × 3 mm
