@@ -17,6 +17,8 @@ from nervedet.synth.truth import truth_features
 
 log = logging.getLogger(__name__)
 
+TILED_GLASS_PX = 2**30  # level-0 pixels (about 32800²) above which glass="auto" tiles the glass
+
 __all__ = ["Stain", "SynthResult", "SynthSettings", "TileRenderer", "make_layout", "make_synthetic_slide"]
 
 
@@ -30,6 +32,10 @@ class SynthSettings:
     tissue_fraction: float = 0.7
     stain_jitter: float = 1.0  # 0 = the reference stain; 1 = the usual lab-to-lab spread
     name: str | None = None
+    # Bare glass: "exact" draws fresh sensor noise everywhere; "tiled" repeats one 256 px noise tile wherever no
+    # tissue is near, which makes huge sparse slides several times faster to write; "auto" tiles slides of more
+    # than TILED_GLASS_PX level-0 pixels only, so smaller slides stay exactly as they always were.
+    glass: str = "auto"
 
     def __post_init__(self):
         if self.fmt not in ("svs", "tiff"):
@@ -38,6 +44,8 @@ class SynthSettings:
             raise ValueError(f"tissue fraction must be in (0, 1], not {self.tissue_fraction}")
         if self.width_mm <= 0 or self.height_mm <= 0 or self.mpp <= 0:
             raise ValueError("width, height and mpp must be positive")
+        if self.glass not in ("auto", "exact", "tiled"):
+            raise ValueError(f"glass must be auto, exact or tiled, not {self.glass!r}")
 
     @property
     def stem(self) -> str:
@@ -67,10 +75,12 @@ def make_synthetic_slide(out_dir: str | Path, settings: SynthSettings = SynthSet
     s = settings
     width, height = int(round(s.width_mm * 1000 / s.mpp)), int(round(s.height_mm * 1000 / s.mpp))
     layout: Layout = make_layout(s.seed, width * s.mpp, height * s.mpp, s.tissue_fraction)
-    renderer = TileRenderer(layout, s.mpp, Stain.jittered(s.seed, s.stain_jitter))
+    tiled = s.glass == "tiled" or (s.glass == "auto" and width * height > TILED_GLASS_PX)
+    renderer = TileRenderer(layout, s.mpp, Stain.jittered(s.seed, s.stain_jitter), tiled_glass=tiled)
     slide_path = out / f"{s.stem}.{s.fmt}"
     with tqdm(total=height, unit="row", desc=f"synth {slide_path.name}", disable=not progress) as bar:
-        sizes = write_pyramid(slide_path, width, height, renderer.render, s.mpp, s.fmt, progress=bar.update)
+        sizes = write_pyramid(slide_path, width, height, renderer.render, s.mpp, s.fmt, progress=bar.update,
+                              glass=renderer.glass_tile)
     feats = truth_features(layout, s.mpp)
     truth_path = write_geojson(out / f"{s.stem}.geojson", feats)
     pni = sum(1 for f in feats if f.classification == "Nerve: PNI")

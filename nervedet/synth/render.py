@@ -25,6 +25,7 @@ from nervedet.synth.texture import NoiseBank, orientation_field, oriented_fibres
 MARGIN_UM = 16.0  # rendered around each tile so nuclei and blur cross tile borders seamlessly
 IMMUNE_BLOCK_UM = 256.0
 TEXTURE_UM = 0.8  # finer pixels than half this get their textures on a 2x coarser grid
+GLASS_TILE = 256  # px: the repeat of tiled glass (the pyramid's tile size, so its glass tiles are all alike)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def _fill(canvas: np.ndarray, geom: BaseGeometry, value: int, ox: float, oy: flo
 class TileRenderer:
     """Renders RGB pixels of a layout at a pixel size (µm/px)."""
 
-    def __init__(self, layout: Layout, mpp: float, stain: Stain | None = None):
+    def __init__(self, layout: Layout, mpp: float, stain: Stain | None = None, tiled_glass: bool = False):
         self.lay, self.mpp = layout, mpp
         self.stain = stain or Stain.jittered(layout.seed)
         self.bank = NoiseBank(layout.seed)
@@ -105,6 +106,31 @@ class TileRenderer:
             self.immune_blocks[key] = layout.immune[(keys[:, 0] == key[0]) & (keys[:, 1] == key[1])]
         self.lut_h = np.array([C.BASE_H[i] for i in range(len(C.BASE_H))], np.float32)
         self.lut_e = np.array([C.BASE_E[i] for i in range(len(C.BASE_E))], np.float32)
+        # Tiled glass: bare-glass rectangles repeat one GLASS_TILE² patch of sensor noise, aligned to the global
+        # pixel grid, instead of drawing fresh noise, so a pyramid writer can encode all its glass tiles once.
+        self.glass_tile = (self.stain.glass_rgb(np.random.default_rng([layout.seed, 6]), GLASS_TILE, GLASS_TILE)
+                           if tiled_glass else None)
+
+    def is_glass(self, x0: float, y0: float, x1: float, y1: float) -> bool:
+        """Whether the µm rectangle holds no tissue and no cell: ``render`` would give bare glass there."""
+        area = box(x0, y0, x1, y1)
+        for i in self.tree.query(area):
+            geom = self.items[i].geom
+            shapely.prepare(geom)
+            if shapely.intersects(geom, area):
+                return False
+        return not len(self._immune(x0, y0, x1, y1))
+
+    def _immune(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+        """Immune cell centres (N×2 µm) in the rectangle [x0, x1) × [y0, y1)."""
+        B = IMMUNE_BLOCK_UM
+        imm = [self.immune_blocks.get((i, j)) for j in range(int(y0 // B), int(y1 // B) + 1)
+               for i in range(int(x0 // B), int(x1 // B) + 1)]
+        imm = [p for p in imm if p is not None]
+        if not imm:
+            return np.zeros((0, 2))
+        pts = np.concatenate(imm)
+        return pts[(pts[:, 0] >= x0) & (pts[:, 1] >= y0) & (pts[:, 0] < x1) & (pts[:, 1] < y1)]
 
     def render(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) of the level-0 pixel rectangle at (x0, y0)."""
@@ -112,6 +138,13 @@ class TileRenderer:
         m = int(math.ceil(MARGIN_UM / mpp))
         W, H = w + 2 * m, h + 2 * m
         ox, oy = (x0 - m) * mpp, (y0 - m) * mpp
+        if self.is_glass(ox, oy, ox + W * mpp, oy + H * mpp):  # the common case on sparse slides: no tissue
+            if self.glass_tile is not None:
+                g, P = self.glass_tile, GLASS_TILE
+                ty, tx = y0 % P, x0 % P
+                return np.tile(g, (-(-(ty + h) // P), -(-(tx + w) // P), 1))[ty:ty + h, tx:tx + w]
+            # exactly what the full path below gives with no tissue: densities 0, only the sensor noise
+            return self.stain.glass_rgb(np.random.default_rng([self.lay.seed, 5, x0, y0]), h, w, m, m, W)
         cls = np.zeros((H, W), np.uint8)
         fid = np.zeros((H, W), np.uint16)
         area = box(ox, oy, ox + W * mpp, oy + H * mpp)
@@ -233,19 +266,12 @@ class TileRenderer:
                 angle[follow] = phi[cy_, cx_][follow]
                 a, b, dark = N.shape(kind, u3[keep])
                 parts.append(N.Nuclei(x[keep], y[keep], kind, a, b, angle, dark))
-        imm = [self.immune_blocks.get((i, j)) for j in range(int(oy // IMMUNE_BLOCK_UM),
-               int((oy + H * mpp) // IMMUNE_BLOCK_UM) + 1) for i in range(int(ox // IMMUNE_BLOCK_UM),
-               int((ox + W * mpp) // IMMUNE_BLOCK_UM) + 1)]
-        imm = [p for p in imm if p is not None]
-        if imm:
-            pts = np.concatenate(imm)
-            sel = (pts[:, 0] >= ox) & (pts[:, 1] >= oy) & (pts[:, 0] < ox + W * mpp) & (pts[:, 1] < oy + H * mpp)
-            pts = pts[sel]
-            if len(pts):
-                # per-cell randomness from the cell's own position, so every tile draws it the same way
-                h = (np.floor(pts[:, 0] * 13.0) * 7919 + np.floor(pts[:, 1] * 17.0) * 104729) % 10007 / 10007.0
-                u3 = np.c_[h, (h * 7.31) % 1.0, (h * 3.17) % 1.0]
-                kind = np.full(len(pts), N.IMMUNE)
-                a, b, dark = N.shape(kind, u3)
-                parts.append(N.Nuclei(pts[:, 0], pts[:, 1], kind, a, b, h * math.pi, dark))
+        pts = self._immune(ox, oy, ox + W * mpp, oy + H * mpp)
+        if len(pts):
+            # per-cell randomness from the cell's own position, so every tile draws it the same way
+            h = (np.floor(pts[:, 0] * 13.0) * 7919 + np.floor(pts[:, 1] * 17.0) * 104729) % 10007 / 10007.0
+            u3 = np.c_[h, (h * 7.31) % 1.0, (h * 3.17) % 1.0]
+            kind = np.full(len(pts), N.IMMUNE)
+            a, b, dark = N.shape(kind, u3)
+            parts.append(N.Nuclei(pts[:, 0], pts[:, 1], kind, a, b, h * math.pi, dark))
         return N.Nuclei.concat(parts)

@@ -45,3 +45,15 @@ class Stain:
         rgb = np.asarray(self.background, np.float32) * np.exp(-od.astype(np.float32))
         rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(noise)
         return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+    def glass_rgb(self, rng: np.random.Generator, h: int, w: int, top: int = 0, left: int = 0,
+                  width: int | None = None, noise: float = 1.6) -> np.ndarray:
+        """What ``to_rgb`` gives where both densities are 0 (bare glass), for the (h, w) window at (top, left) of
+        an image ``width`` px wide, bit for bit, without the densities: the same float32 operations on the
+        same noise draws (only the rows up to the window's last are drawn: the draws fill the image row-major)."""
+        width = w if width is None else width
+        n = rng.standard_normal((top + h, width, 3), dtype=np.float32)[top:, left:left + w]
+        rgb = n * np.float32(noise)
+        rgb += np.asarray(self.background, np.float32)  # background * exp(-0) is the background exactly
+        rgb += np.float32(0.5)
+        return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
