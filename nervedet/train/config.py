@@ -53,6 +53,27 @@ class Optimisation:
     patience: int = 6  # epochs without a better validation score before stopping
     heat_weight: float = 10.0
     augment: float = 1.0  # augmentation strength, 0 = none
+    # Scale-out through Lightning. batch_size is per process (as in Lightning): the global batch is
+    # batch_size x devices x num_nodes; patches_per_epoch and val_patches are totals over all processes.
+    devices: int | str = "auto"  # processes (GPUs, or CPU processes) per node; auto = 1 (the one `device`)
+    num_nodes: int = 1  # machines; with SLURM, `srun` starts one task per device on each node
+    strategy: str = "auto"  # Lightning strategy: auto (ddp when there are several processes) | ddp | ddp_spawn ...
+
+    def __post_init__(self) -> None:
+        d = self.devices
+        if d != "auto" and not (isinstance(d, int) and not isinstance(d, bool) and d >= 1):
+            raise ConfigError(f"train.devices must be auto or a whole number of 1 or more, not {d!r}")
+        n = self.num_nodes
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise ConfigError(f"train.num_nodes must be a whole number of 1 or more, not {n!r}")
+        if not isinstance(self.strategy, str) or not self.strategy.strip():
+            raise ConfigError(f"train.strategy must be a Lightning strategy name such as auto or ddp, "
+                              f"not {self.strategy!r}")
+
+    @property
+    def processes(self) -> int:
+        """Training processes over all nodes (world size)."""
+        return (1 if self.devices == "auto" else int(self.devices)) * self.num_nodes
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,16 @@ class TileScores:
             n = match_points(peaks[:, :2].numpy(), truth, radius)
             self.tp, self.fp, self.fn = self.tp + n, self.fp + len(peaks) - n, self.fn + len(truth) - n
 
+    def counts(self) -> np.ndarray:
+        """The accumulated counts as one vector (to be summed over processes), read back by ``set_counts``."""
+        return np.concatenate([self.inter, self.total, [self.tp, self.fp, self.fn]]).astype(np.float64)
+
+    def set_counts(self, counts: np.ndarray) -> None:
+        c = self.config.num_classes
+        counts = np.asarray(counts, np.float64)
+        self.inter, self.total = counts[:c].copy(), counts[c:2 * c].copy()
+        self.tp, self.fp, self.fn = (int(round(x)) for x in counts[2 * c:2 * c + 3])
+
     @property
     def dice(self) -> dict[str, float]:
         return {name: float(2 * self.inter[k] / self.total[k]) if self.total[k] else 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -21,7 +22,8 @@ class NerveSegmenter(pl.LightningModule):
         self.network = build_network(self.config).to(memory_format=torch.channels_last)
         self.nerve_index = self.config.class_index("Nerve")
         self._scores = TileScores(self.config)
-        self._val_loss: list[float] = []
+        self._val_loss_sum, self._val_count = 0.0, 0
+        self.val_patches_seen = 0  # validation patches of the last validation, over all processes
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.network(image.contiguous(memory_format=torch.channels_last))
@@ -42,20 +44,31 @@ class NerveSegmenter(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._scores = TileScores(self.config)
-        self._val_loss: list[float] = []
+        self._val_loss_sum, self._val_count = 0.0, 0
 
     def validation_step(self, batch, batch_idx):
         out, lc, lh = self._losses(batch)
-        self._val_loss.append(float(lc + self.hparams.heat_weight * lh))
+        n = batch["image"].shape[0]
+        self._val_loss_sum += float(lc + self.hparams.heat_weight * lh) * n
+        self._val_count += n
         self._scores.update(out, batch)
 
     def on_validation_epoch_end(self) -> None:
+        # Under DDP each process saw its share of the validation patches: sum the counts over processes,
+        # then every process computes the same metrics (so early stopping and checkpoints agree).
+        local = np.append(self._scores.counts(), [self._val_loss_sum, self._val_count])
+        total = self.trainer.strategy.reduce(torch.tensor(local, dtype=torch.float64, device=self.device),
+                                             reduce_op="sum")
+        total = total.cpu().numpy()
+        self._scores.set_counts(total[:-2])
+        self.val_patches_seen = int(round(total[-1]))
         f1 = self._scores.immune[2]
         metrics = {f"val/dice_{name.lower()}": d for name, d in self._scores.dice.items()}
         metrics["val/immune_f1"] = f1
-        metrics["val/loss"] = sum(self._val_loss) / max(len(self._val_loss), 1)
-        self.log_dict(metrics, prog_bar=False)
-        self.log("val/score", (metrics["val/dice_nerve"] + f1) / 2, prog_bar=True)
+        metrics["val/loss"] = float(total[-2] / max(total[-1], 1))
+        # equal on all processes already; sync_dist keeps Lightning's epoch-level reduction explicit
+        self.log_dict(metrics, prog_bar=False, sync_dist=True)
+        self.log("val/score", (metrics["val/dice_nerve"] + f1) / 2, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -18,6 +18,7 @@ from nervedet.train.augment import build_augment
 from nervedet.train.config import SyntheticData, TrainConfig
 from nervedet.train.data import SlideSpec
 from nervedet.train.dataset import PatchDataset, describe, split_by_slide
+from nervedet.train.distributed import RankReport, cpu_threads, file_lock, placement
 from nervedet.train.module import NerveSegmenter
 from nervedet.weights import cpu_bf16_supported, resolve_device, save_weights
 
@@ -35,6 +36,7 @@ class TrainResult:
     epochs: int
     minutes: float
     last_checkpoint: Path | None
+    rank: int = 0  # global rank of this process; only rank 0 wrote the weights file
 
 
 def _labels_for(slide: Path) -> Path | None:
@@ -59,14 +61,15 @@ def synthetic_specs(cfg: TrainConfig) -> list[SlideSpec]:
         return []
     folder = synthetic_folder(s)
     specs = []
-    for seed in range(s.seed, s.seed + s.count):
-        slide, truth = folder / f"synth_{seed}.svs", folder / f"synth_{seed}.geojson"
-        if not (slide.exists() and truth.exists()):
-            log.info("making synthetic slide %s", slide)
-            make_synthetic_slide(folder, SynthSettings(seed=seed, width_mm=s.width_mm, height_mm=s.height_mm,
-                                                       mpp=s.mpp, stain_jitter=s.stain_jitter,
-                                                       tissue_fraction=s.tissue_fraction))
-        specs.append(SlideSpec(slide, truth))
+    with file_lock(folder / ".lock"):  # processes started together (srun) make each slide once
+        for seed in range(s.seed, s.seed + s.count):
+            slide, truth = folder / f"synth_{seed}.svs", folder / f"synth_{seed}.geojson"
+            if not (slide.exists() and truth.exists()):
+                log.info("making synthetic slide %s", slide)
+                make_synthetic_slide(folder, SynthSettings(seed=seed, width_mm=s.width_mm, height_mm=s.height_mm,
+                                                           mpp=s.mpp, stain_jitter=s.stain_jitter,
+                                                           tissue_fraction=s.tissue_fraction))
+            specs.append(SlideSpec(slide, truth))
     return specs
 
 
@@ -123,6 +126,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train from the config; resumes from OUT_DIR/checkpoints/last.ckpt when it exists and cfg.resume."""
     t0 = time.time()
     o = cfg.train
+    device = resolve_device(o.device)
+    where = placement(o, device)  # before any data is read: a bad devices/strategy setting fails at once
+    if where.accelerator == "cpu" and (threads := cpu_threads(where.per_node)):
+        log.info("%d training processes on this node's CPU: %d torch thread(s) each", where.per_node, threads)
     pl.seed_everything(o.seed, workers=True)
     model_cfg = ModelConfig.from_yaml(cfg.model)
     specs, val, negatives = slide_specs(cfg)
@@ -136,13 +143,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_specs = [*train_specs, *negatives]
     log.info("training on %d slides (%d negatives), validating on %d", len(train_specs), len(negatives), len(val))
     augment = build_augment(model_cfg, o.augment) if o.augment > 0 else None
+    # patches_per_epoch and val_patches are totals over the processes (each gets its share through
+    # Lightning's DistributedSampler); validation is rounded up to a multiple of the processes so that no
+    # patch is counted twice
+    n_val = -(-o.val_patches // o.processes) * o.processes
+    if n_val != o.val_patches:
+        log.info("val_patches %d rounded up to %d, a multiple of the %d processes", o.val_patches, n_val,
+                 o.processes)
     train_ds = PatchDataset(train_specs, model_cfg, o.patches_per_epoch, o.seed, augment)
-    val_ds = PatchDataset(val, model_cfg, o.val_patches, o.seed + 1, None)
+    val_ds = PatchDataset(val, model_cfg, n_val, o.seed + 1, None)
     loader_args = dict(batch_size=o.batch_size, num_workers=o.workers, persistent_workers=o.workers > 0)
     train_dl = DataLoader(train_ds, shuffle=True, drop_last=True, **loader_args)
     val_dl = DataLoader(val_ds, shuffle=False, **loader_args)
 
-    device = resolve_device(o.device)
     precision = _precision(o.precision, device)
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints"
@@ -154,11 +167,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False)
     trainer = pl.Trainer(
         max_steps=o.max_steps, max_time={"minutes": o.max_minutes} if o.max_minutes else None,
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=[device.index or 0] if device.type == "cuda"
-        else 1, precision=precision, default_root_dir=out,
+        accelerator=where.accelerator, devices=where.devices, num_nodes=where.num_nodes, strategy=where.strategy,
+        precision=precision, default_root_dir=out,
         callbacks=[best, latest, EarlyStopping(monitor="val/score", mode="max", patience=o.patience, strict=False,
                                                check_on_train_epoch_end=False),
-                   TQDMProgressBar(refresh_rate=5)],
+                   TQDMProgressBar(refresh_rate=5), RankReport()],
         logger=CSVLogger(out, name="logs"), log_every_n_steps=1, num_sanity_val_steps=0,
         enable_model_summary=False, max_epochs=-1,
     )
@@ -170,10 +183,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainer.save_checkpoint(last)  # the final state, so that a longer run continues exactly from here
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     minutes = (time.time() - t0) / 60
+    if not trainer.is_global_zero:  # the same trained network (DDP keeps the replicas equal): rank 0 writes
+        return TrainResult(cfg.weights_path, metrics, trainer.global_step, trainer.current_epoch, minutes,
+                           last if last.exists() else None, trainer.global_rank)
     summary = describe(train_specs) | {
         "validation_slides": len(val), "steps": trainer.global_step, "epochs": trainer.current_epoch,
         "minutes": round(minutes, 1), "batch_size": o.batch_size, "device": str(device),
         "precision": precision, "config": cfg.source, "init_weights": cfg.init_weights,
+        "processes": trainer.world_size, "num_nodes": trainer.num_nodes, "strategy": type(trainer.strategy).__name__,
+        "global_batch_size": o.batch_size * trainer.world_size, "val_patches_seen": module.val_patches_seen,
     }
     weights = save_weights(cfg.weights_path, module.network.cpu(), model_cfg, training=summary, metrics=metrics)
     log.info("weights written to %s", weights)
