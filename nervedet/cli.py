@@ -136,6 +136,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="px shared by neighbouring tiles, blended (default 64)")
     i.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: fp16 on CUDA, bf16 on the CPU when it agrees with fp32, else fp32 (default auto)")
+    i.add_argument("--devices", type=_positive(int), default=1, metavar="N",
+                   help="ranks on this machine, each analysing every N-th slide on its own device: GPU 0..N-1, or "
+                        "sharing the CPU's cores. Under torchrun or srun leave it out: each process started there "
+                        "is a rank already (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_STEP_NUM_TASKS). The ranks' rows "
+                        "are gathered into one cohort.csv (default 1)")
     i.add_argument("--overwrite", "--force", dest="force", action="store_true",
                    help="analyse again even slides whose outputs are complete (they are replaced only once the "
                         "new ones are)")
@@ -200,17 +205,38 @@ def _infer(args: argparse.Namespace) -> int:
                          f"{', '.join(SLIDE_SUFFIXES)}; plain .png/.jpg images need --mpp)")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"{args.out}: --out must be a folder, and this is a file")
-    model = load_model(args.weights, device=args.device)
+    from nervedet.cohort import plan_slides
+    from nervedet.shards import DeviceJob, rank_device, rank_from_env, run_devices, run_rank
+
+    rank, plan = rank_from_env(), plan_slides(slides)
+    if args.devices > 1 and rank.world_size > 1:
+        raise ValueError(f"--devices {args.devices} under {rank.launcher} (rank {rank.rank} of {rank.world_size}): "
+                         "the launcher starts the ranks already, one per device; leave --devices out")
+    if args.devices > 1:
+        job = DeviceJob(plan, args.out, args.weights, args.device, settings, args.mpp, args.force,
+                        logging.getLogger().level)
+        load_model(args.weights, device="cpu")  # a bad weights file is one line here, not one per rank
+        rows, codes = run_devices(args.devices, job)
+        print(summary_table(rows))
+        print(f"outputs in {args.out}/<slide>/, table of all slides in {args.out / COHORT_CSV}")
+        failed = any(r.status == "error" for r in rows) or any(c not in (0, 1) for c in codes.values())
+        return EXIT_ERROR if failed else 0
+    model = load_model(args.weights, device=rank_device(args.device, rank))
     check_batch_fits(settings.infer, model.device)
     numbers = itertools.count(1)
+    total = len(rank.share(plan))
+    where = f"rank {rank.rank}: " if rank.world_size > 1 else ""
 
     def tell(row) -> None:  # errors are told by the cohort's log line already
         n = next(numbers)
         if row.status != "error":
             what = "done" if row.status == "done" else "skipped: outputs complete, same weights and settings"
-            print(f"[{n}/{len(slides)}] {Path(row.slide).name}: {what}", file=sys.stderr)
+            print(f"[{where}{n}/{total}] {Path(row.slide).name}: {what}", file=sys.stderr)
 
-    rows = run_cohort(slides, args.out, model, settings, mpp=args.mpp, force=args.force, on_row=tell)
+    if rank.world_size > 1:
+        rows = run_rank(plan, args.out, model, settings, rank, args.mpp, args.force, on_row=tell)
+    else:
+        rows = run_cohort(slides, args.out, model, settings, mpp=args.mpp, force=args.force, on_row=tell)
     print(summary_table(rows))
     print(f"outputs in {args.out}/<slide>/, table of all slides in {args.out / COHORT_CSV}")
     return EXIT_ERROR if any(r.status == "error" for r in rows) else 0

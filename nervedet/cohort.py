@@ -132,6 +132,46 @@ def _earlier_rows(out: Path) -> list[CohortRow]:
     return rows
 
 
+def plan_slides(inputs: list[Path]) -> list[tuple[Path, str]]:
+    """Every slide of ``inputs`` (files or folders) in order, each with "" or the reason it cannot be run (it is
+    missing, or a slide before it has the same output name). The same on every rank of a sharded run."""
+    plan: list[tuple[Path, str]] = []
+    stems: dict[str, Path] = {}
+    for path in find_slides(inputs):
+        stem = slide_stem(path)
+        if not path.exists():
+            plan.append((path, f"{path}: no such file"))
+        elif stem in stems:
+            plan.append((path, f"{path}: same output name {stem!r} as {stems[stem]}"))
+        else:
+            stems[stem] = path
+            plan.append((path, ""))
+    return plan
+
+
+def run_planned(plan: list[tuple[Path, str]], out: Path, model: Model, settings: AnalysisSettings,
+                mpp: float | None = None, force: bool = False,
+                on_row: Callable[[CohortRow], None] | None = None) -> list[CohortRow]:
+    """Analyse the planned slides into ``out`` one by one; ``on_row`` is told each row as it is made."""
+    rows: list[CohortRow] = []
+    for path, problem in plan:
+        row = CohortRow(str(path), "error", "", problem) if problem else analyze_one(path, out, model, settings,
+                                                                                        mpp, force)
+        if row.status == "error":
+            log.error("%s", row.error)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def cohort_rows(rows: list[CohortRow], out: Path, earlier: list[CohortRow] | None = None) -> list[CohortRow]:
+    """cohort.csv's rows: this run's, then those of slides that earlier runs analysed into ``out``."""
+    seen = {str(Path(r.slide).resolve()) for r in rows}
+    earlier = _earlier_rows(out) if earlier is None else earlier
+    return rows + [r for r in earlier if r.slide not in seen]
+
+
 def run_cohort(inputs: list[Path], out: Path, model: Model, settings: AnalysisSettings | None = None,
                mpp: float | None = None, force: bool = False,
                on_row: Callable[[CohortRow], None] | None = None) -> list[CohortRow]:
@@ -139,24 +179,14 @@ def run_cohort(inputs: list[Path], out: Path, model: Model, settings: AnalysisSe
     slide, has this run's rows and then those of slides that earlier runs analysed into ``out``."""
     settings = settings or AnalysisSettings()
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[CohortRow] = []
     earlier = _earlier_rows(out)
-    seen: set[str] = set()
-    stems: dict[str, Path] = {}
-    for path in find_slides(inputs):
-        stem = slide_stem(path)
-        if not path.exists():
-            row = CohortRow(str(path), "error", "", f"{path}: no such file")
-        elif stem in stems:
-            row = CohortRow(str(path), "error", "", f"{path}: same output name {stem!r} as {stems[stem]}")
-        else:
-            stems[stem] = path
-            row = analyze_one(path, out, model, settings, mpp, force)
-        if row.status == "error":
-            log.error("%s", row.error)
+    rows: list[CohortRow] = []
+
+    def written(row: CohortRow) -> None:
         rows.append(row)
-        seen.add(str(path.resolve()))
-        write_cohort_csv(out / COHORT_CSV, rows + [r for r in earlier if r.slide not in seen])
+        write_cohort_csv(out / COHORT_CSV, cohort_rows(rows, out, earlier))
         if on_row is not None:
             on_row(row)
+
+    run_planned(plan_slides(inputs), out, model, settings, mpp, force, on_row=written)
     return rows
