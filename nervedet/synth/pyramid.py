@@ -150,17 +150,25 @@ def write_pyramid(
         with tifffile.TiffWriter(tmp_name, bigtiff=big) as tif:
             rows = STRIP if width <= WIDE else STRIP // 2
 
+            # a chunk of bare (tiled) glass, and its downsample: chunks start on the tile grid, so a glass chunk is
+            # a top-left part of this one, and its downsample the same part of that one
+            glass0 = None if glass is None else np.tile(glass, (rows // TILE, -(-CHUNK // TILE), 1))[:, :CHUNK]
+            glass1 = None if glass0 is None else _downsample(glass0)
+
             def level0() -> Iterator[np.ndarray]:
                 for y0 in range(0, height, rows):
                     sh = min(rows, height - y0)
                     strip = np.full((rows, width, 3), 255, np.uint8)
-                    for x0 in range(0, width, CHUNK):
+                    for x0 in range(0, width, CHUNK):  # each chunk's block average goes straight to level 1
                         cw = min(CHUNK, width - x0)
-                        strip[:sh, x0:x0 + cw] = render(x0, y0, cw, sh)
-                    if levels:
-                        d = _downsample(strip[:sh])
-                        r0 = y0 // DOWNSAMPLE
-                        levels[0][r0:r0 + d.shape[0]] = d[: levels[0].shape[0] - r0, : sizes[1][0]]
+                        img = strip[:sh, x0:x0 + cw]
+                        img[...] = render(x0, y0, cw, sh)
+                        if levels:
+                            dh, dw = sh // DOWNSAMPLE, cw // DOWNSAMPLE
+                            bare = glass0 is not None and np.array_equal(img, glass0[:sh, :cw])
+                            d = glass1[:dh, :dw] if bare else _downsample(img)
+                            r0, c0 = y0 // DOWNSAMPLE, x0 // DOWNSAMPLE
+                            levels[0][r0:r0 + dh, c0:c0 + dw] = d
                     yield from _tiles(strip[: -(-sh // TILE) * TILE])
                     if progress:
                         progress(sh)

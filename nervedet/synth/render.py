@@ -182,8 +182,7 @@ class TileRenderer:
         h_od = cv2.GaussianBlur(h_od, (0, 0), sigma)
         e_od = cv2.GaussianBlur(e_od, (0, 0), sigma)
         rng = np.random.default_rng([self.lay.seed, 5, x0, y0])
-        rgb = self.stain.to_rgb(h_od, e_od, rng)
-        return rgb[m:m + h, m:m + w]
+        return self.stain.to_rgb(h_od, e_od, rng, window=(m, m, h, w))
 
     def _textures(self, cls, fid, X, Y):
         bank = self.bank

@@ -37,13 +37,21 @@ class Stain:
             background=tuple(float(c) for c in rng.uniform(236, 247) + rng.normal(0, 2.0, 3)),
         )
 
-    def to_rgb(self, h: np.ndarray, e: np.ndarray, rng: np.random.Generator, noise: float = 1.6) -> np.ndarray:
-        """RGB uint8 from haematoxylin and eosin optical-density maps (H×W float)."""
+    def to_rgb(self, h: np.ndarray, e: np.ndarray, rng: np.random.Generator, noise: float = 1.6,
+               window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """RGB uint8 from haematoxylin and eosin optical-density maps (H×W float).
+
+        ``window`` (top, left, height, width): only that part, bit for bit as if cropped from the whole (the
+        noise is drawn row-major for the whole width, up to the window's last row).
+        """
+        top, left, hh, ww = window or (0, 0, *h.shape)
+        n = rng.standard_normal((top + hh, h.shape[1], 3), dtype=np.float32)[top:, left:left + ww]
+        h, e = h[top:top + hh, left:left + ww], e[top:top + hh, left:left + ww]
         hv = np.asarray(self.h_vector, np.float32) * self.h_scale
         ev = np.asarray(self.e_vector, np.float32) * self.e_scale
         od = h[..., None] * hv + e[..., None] * ev
         rgb = np.asarray(self.background, np.float32) * np.exp(-od.astype(np.float32))
-        rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(noise)
+        rgb += n * np.float32(noise)
         return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
     def glass_rgb(self, rng: np.random.Generator, h: int, w: int, top: int = 0, left: int = 0,
