@@ -183,7 +183,7 @@ def main() -> int:
     res["background_seconds"] = {f"{int(f * 100)}%": round(t, 2) for f, t in times.items()}
     res["background_share"] = round((times[0.1] - 0.1 * times[1.0]) / times[0.1], 3)
 
-    sizes = (20_000,) if args.quick else (20_000, 50_000)
+    sizes = (20_000,) if args.quick else (20_000, 50_000, 100_000)
     res["memory"] = {}
     for px in sizes:
         path = make_slide(args.out, f"sparse_{px // 1000}k", px * 0.25 / 1000, 0.25, 0.05, seed=9500)
