@@ -121,3 +121,12 @@ class RankReport(pl.Callback):
                  "of %d", trainer.global_rank, trainer.world_size, trainer.node_rank, backend,
                  torch.get_num_threads(), len(sampler) if sampler is not None else -1,
                  getattr(loader, "batch_size", -1))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A checksum of the parameters per process: DDP keeps the replicas equal, so all lines agree."""
+        if trainer.world_size <= 1:
+            return
+        with torch.no_grad():
+            checksum = sum(float(p.double().abs().sum()) for p in pl_module.parameters())
+        log.info("rank %d of %d: finished at step %d, parameter checksum %.12g", trainer.global_rank,
+                 trainer.world_size, trainer.global_step, checksum)
