@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,70 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path, capsys) -> None:
     assert err.startswith("nervedet: error:") and "\n" not in err
     with pytest.raises(SystemExit):
         main(["synth", str(tmp_path), "--tissue-fraction", "1.5"])
+
+
+def test_glass_shortcut_gives_the_pixels_of_the_full_render() -> None:
+    """Chunks with no tissue near skip the texture/nuclei/blur path: bit for bit what that path gives."""
+    layout = make_layout(9101, 1500.0, 1500.0, 0.05)
+    r = TileRenderer(layout, 0.25, Stain.jittered(9101))
+    full = TileRenderer(layout, 0.25, Stain.jittered(9101))
+    full.is_glass = lambda *a: False  # type: ignore[method-assign]  # always the full path
+    shortcut = 0
+    for y0 in range(0, 6000, 1000):
+        for x0 in range(0, 6000, 1000):
+            m = 64  # the render margin at 0.25 µm/px
+            shortcut += r.is_glass((x0 - m) * 0.25, (y0 - m) * 0.25, (x0 + 256 + m) * 0.25, (y0 + 200 + m) * 0.25)
+            assert np.array_equal(r.render(x0, y0, 256, 200), full.render(x0, y0, 256, 200)), (x0, y0)
+    assert 0 < shortcut < 36  # both paths were compared
+
+
+def test_block_average_is_the_rounded_float_mean() -> None:
+    from nervedet.synth.pyramid import _downsample
+
+    img = np.random.default_rng(0).integers(0, 256, (1030, 2999, 3), dtype=np.uint8)
+    img[:4, :8] = 255
+    h, w = 1030 // 4, 2999 // 4
+    ref = (img[:h * 4, :w * 4].reshape(h, 4, w, 4, 3).mean(axis=(1, 3), dtype=np.float32) + 0.5).astype(np.uint8)
+    assert np.array_equal(_downsample(img), ref)
+
+
+def test_tiled_glass_changes_only_bare_glass_and_encodes_it_once(tmp_path: Path) -> None:
+    s = SynthSettings(seed=9101, width_mm=1.0, height_mm=0.75, tissue_fraction=0.05, fmt="tiff")
+    W, H, m, mpp = 4000, 3000, 64, 0.25
+    exact = make_synthetic_slide(tmp_path / "exact", s)
+    tiled = make_synthetic_slide(tmp_path / "tiled", replace(s, glass="tiled"))
+    assert make_synthetic_slide(tmp_path / "auto", s).slide_path.read_bytes() == exact.slide_path.read_bytes()
+    a, b = openslide.OpenSlide(str(exact.slide_path)), openslide.OpenSlide(str(tiled.slide_path))
+    assert a.level_dimensions == b.level_dimensions and b.properties["openslide.vendor"] == "generic-tiff"
+    renderer = TileRenderer(make_layout(s.seed, W * mpp, H * mpp, 0.05), mpp, tiled_glass=True)
+
+    def bare(x: int, y: int) -> bool:  # was the 1024² chunk holding this tile rendered as bare glass?
+        cx, cy = x // 1024 * 1024, y // 1024 * 1024
+        return renderer.is_glass((cx - m) * mpp, (cy - m) * mpp, (min(cx + 1024, W) + m) * mpp,
+                                 (min(cy + 1024, H) + m) * mpp)
+
+    glass_tiles, same = [], 0
+    for y in range(0, H, 256):
+        for x in range(0, W, 256):
+            size = min(256, W - x), min(256, H - y)
+            ta = np.asarray(a.read_region((x, y), 0, size).convert("RGB"))
+            tb = np.asarray(b.read_region((x, y), 0, size).convert("RGB"))
+            if not bare(x, y):
+                same += 1
+                assert np.array_equal(ta, tb), (x, y)  # tissue, and glass near it, pixel for pixel as before
+            elif size == (256, 256):
+                glass_tiles.append(tb)
+                assert abs(tb.astype(float).mean() - ta.astype(float).mean()) < 0.5  # the same glass colour
+    assert len(glass_tiles) > 20 and same > 20
+    assert all(np.array_equal(t, glass_tiles[0]) for t in glass_tiles)  # one glass tile, repeated
+    assert np.abs(glass_tiles[0].astype(float) - renderer.glass_tile).mean() < 2
+    # the writer makes the same file whether or not it is told which tile is the glass
+    out1, out2 = tmp_path / "w1.tiff", tmp_path / "w2.tiff"
+    write_pyramid(out1, 2000, 1500, renderer.render, mpp, "tiff")
+    write_pyramid(out2, 2000, 1500, renderer.render, mpp, "tiff", glass=renderer.glass_tile)
+    assert out1.read_bytes() == out2.read_bytes()
+
+
+def test_glass_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="glass"):
+        SynthSettings(glass="plain")
