@@ -35,9 +35,9 @@ class AnalysisSettings:
     overlay_min_mpp: float = 1.0  # and its pixels no finer than this (µm)
 
     def result_settings(self) -> dict[str, Any]:
-        """The settings that change the results (not batch size, workers or the progress bar)."""
+        """The settings that change the results (not batch size, workers, compilation or the progress bar)."""
         d = asdict(self)
-        for k in ("batch_size", "workers", "progress"):
+        for k in ("batch_size", "workers", "progress", "compile"):
             d["infer"].pop(k)
         return d
 

@@ -128,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="tiles per batch (default 8 on a GPU, 4 on the CPU: as fast there, and less memory)")
     i.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
                    help="processes reading tiles while the model runs; 0 reads in the main process. auto: up to 4 "
-                        "with a GPU; on the CPU 1 where tiles are shrunk from a finer level (40x scans), else 0 "
+                        "with a GPU; on the CPU 1 where tiles are decoded in full and shrunk from a finer level "
+                        "(40x scans whose tiles are not JPEG), else 0 "
                         "(default auto)")
     i.add_argument("--tile-size", type=_positive(int), default=512,
                    help="tile size in px at the model's mpp, a multiple of 32 (default 512)")
@@ -136,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="px shared by neighbouring tiles, blended (default 64)")
     i.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: fp16 on CUDA, bf16 on the CPU when it agrees with fp32, else fp32 (default auto)")
+    i.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile: about a minute of compiling per process, then "
+                        "faster kernels; worth it on a GPU for a cohort, rarely on the CPU (default off)")
     i.add_argument("--devices", type=_positive(int), default=1, metavar="N",
                    help="ranks on this machine, each analysing every N-th slide on its own device: GPU 0..N-1, or "
                         "sharing the CPU's cores. Under torchrun or srun leave it out: each process started there "
@@ -196,7 +200,7 @@ def _infer(args: argparse.Namespace) -> int:
 
     settings = AnalysisSettings(infer=InferSettings(
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
-        precision=args.precision, progress=not args.no_progress))
+        precision=args.precision, compile=args.compile, progress=not args.no_progress))
     if not any(p.exists() for p in args.inputs):
         raise ValueError(f"{args.inputs[0]}: no such file or folder")
     slides = find_slides(args.inputs)

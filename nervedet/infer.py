@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class InferSettings:
     # each with its own canvas, so memory follows the largest region and not how far the tissue is spread;
     max_canvas_mb: float = 512.0
     region_gap_um: float = 500.0  # and tissue pieces nearer than this to each other stay in one region
+    compile: bool = False  # torch.compile the network (once per model and process): for long runs on a GPU
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -231,13 +233,16 @@ def check_batch_fits(settings: InferSettings, device: torch.device, channels: in
 def auto_workers(slide: Slide, mpp: float, device: torch.device) -> int:
     """Tile-reading processes when none are set. On a GPU the CPU is free: up to 4 (leaving one core). On the
     CPU the model already uses every core, and a reader process pays only where reading is heavy: where tiles
-    are decoded from a finer level and shrunk (a 40x scan at 0.5 µm/px). Measured on 2 cores: a 40x slide
-    0.71 -> 0.84 of the model's own speed with one worker, a 20x slide 0.90 -> 0.81."""
+    are decoded in full from a finer level and shrunk. Measured on 2 cores, 40x slide: 0.71 -> 0.84 of the
+    model's speed with one reader when tiles were decoded in full. Where they are decoded at half scale in the
+    DCT domain (JPEG-tiled TIFF/SVS, jpeg_tiles.py: 30-40 Mpx/s, 2-3% of the time) a reader process gains
+    nothing measurable (a 3 mm 40x slide: 58/78 s without, 61/72 s with) and holds 0.5-1 GB more: none."""
     cores = os.cpu_count() or 1
     if device.type != "cpu":
         return max(1, min(4, cores - 1))
     level = slide.level_for_mpp(mpp)
-    return 1 if mpp / slide.level_mpps[level] >= 1.5 else 0
+    shrunk = mpp / slide.level_mpps[level] >= 1.5
+    return 1 if shrunk and not slide.decodes_reduced(mpp) else 0
 
 
 _PRECISION_CACHE: dict[tuple[str, str], str] = {}
@@ -247,6 +252,18 @@ def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
+def compiled(net: torch.nn.Module) -> torch.nn.Module:
+    """The network through torch.compile (TorchInductor), compiled once per network and process: the first
+    batch of each shape pays the compilation (about a minute), later slides run the compiled kernels."""
+    if net not in _COMPILED:
+        log.info("compiling the network with torch.compile (the first batch takes longer)")
+        _COMPILED[net] = torch.compile(net)
+    return _COMPILED[net]
 
 
 def _run(net: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
@@ -299,6 +316,8 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     names = tuple(cfg.class_names[k] for k in keep)
     stitcher = Stitcher(grid.width, grid.height, len(keep), grid.tile_size, grid.overlap, workdir)
     net = model.network.eval().to(memory_format=torch.channels_last)
+    if settings.compile:
+        net = compiled(net)
     workers = settings.workers if settings.workers is not None else auto_workers(slide, cfg.analysis_mpp, device)
     batch = batch_size_for(settings, device)
     loader = DataLoader(TileDataset(slide, grid, cfg.analysis_mpp), batch_size=batch,

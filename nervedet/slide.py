@@ -403,6 +403,14 @@ class Slide:
         raw = self._backend.read(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
         return _fit(raw, (x0 - ix0, y0 - iy0), (x1 - x0, y1 - y0), (w, h))
 
+    def decodes_reduced(self, mpp: float) -> bool:
+        """Whether reads at ``mpp`` that shrink a finer level are decoded at reduced scale in the DCT domain
+        (cheap: jpeg_tiles.py) rather than decoded at full size and resized."""
+        level = self.level_for_mpp(mpp)
+        fast = getattr(self._backend, "_fast_level", None)
+        return bool(self.fast_jpeg and fast is not None and scale_for(mpp / self.level_mpps[level]) > 1
+                    and fast(level))
+
     def read_tile(self, spec: TileSpec) -> np.ndarray:
         return self.read_region(spec.location, spec.size, spec.mpp)
 

@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers (default: 0 on 20x slides, 1 on 40x ones, like nervedet)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)  # nervedet's default on the CPU
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--no-tissue-mask", action="store_true", help="run every patch (auto_get_mask=False)")

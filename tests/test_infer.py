@@ -109,7 +109,7 @@ def test_settings_refuse_a_tile_size_the_network_cannot_take() -> None:
         InferSettings(tile_size=256, overlap=128)
 
 
-def test_auto_workers_read_in_a_process_only_where_tiles_are_shrunk_or_a_gpu_leaves_the_cpu_free(
+def test_auto_workers_read_in_a_process_only_where_tiles_are_decoded_in_full_and_shrunk_or_beside_a_gpu(
         tmp_path, pyramid_tiff) -> None:
     import torch
 
@@ -117,10 +117,14 @@ def test_auto_workers_read_in_a_process_only_where_tiles_are_shrunk_or_a_gpu_lea
     from nervedet.slide import open_slide
 
     img = np.full((256, 256, 3), 200, np.uint8)
-    flat = open_slide(pyramid_tiff(tmp_path / "flat40x.tiff", img, mpp=0.25, n_levels=1))  # 0.5 µm/px: shrunk
+    # 0.5 µm/px shrunk from level 0: decoded in full (deflate), or at half scale in the DCT domain (JPEG)
+    full = open_slide(pyramid_tiff(tmp_path / "deflate40x.tiff", img, mpp=0.25, n_levels=1, compression="zlib"))
+    flat = open_slide(pyramid_tiff(tmp_path / "jpeg40x.tiff", img, mpp=0.25, n_levels=1))
     steps = open_slide(pyramid_tiff(tmp_path / "steps.tiff", img, mpp=0.25, n_levels=3))  # has a 0.5 µm/px level
     cpu = torch.device("cpu")
-    assert auto_workers(flat, 0.5, cpu) == 1
+    assert not full.decodes_reduced(0.5) and flat.decodes_reduced(0.5) and not steps.decodes_reduced(0.5)
+    assert auto_workers(full, 0.5, cpu) == 1
+    assert auto_workers(flat, 0.5, cpu) == 0
     assert auto_workers(steps, 0.5, cpu) == 0
     assert auto_workers(steps, 0.5, torch.device("cuda")) >= 1
 
@@ -153,3 +157,25 @@ def test_the_default_batch_is_smaller_on_the_cpu_and_an_explicit_one_is_kept() -
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert batch_size_for(InferSettings(), cpu) == 4 and batch_size_for(InferSettings(), cuda) == 8
     assert batch_size_for(InferSettings(batch_size=16), cpu) == 16
+
+
+def test_a_compiled_network_stitches_the_same_canvas_and_cells(image, monkeypatch) -> None:
+    import torch
+
+    path, _, cells = image
+    backends = []
+    real = torch.compile
+
+    def light_compile(net, **kwargs):  # the real torch.compile, with the backend that needs no C++ compiler
+        backends.append("aot_eager")
+        return real(net, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", light_compile)
+    with open_slide(path, mpp=0.5) as slide:
+        tissue = detect_tissue(slide)
+        settings = InferSettings(tile_size=256, overlap=64, workers=0, progress=False, precision="fp32")
+        plain = run_inference(fake_model(), slide, tissue, settings)
+        fast = run_inference(fake_model(), slide, tissue, InferSettings(**{**vars(settings), "compile": True}))
+    assert backends == ["aot_eager"]
+    assert np.array_equal(plain.probs, fast.probs)
+    assert len(fast.immune_xy) == len(cells) and np.allclose(plain.immune_xy, fast.immune_xy)
