@@ -210,13 +210,16 @@ def _infer(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"{args.out}: --out must be a folder, and this is a file")
     from nervedet.cohort import plan_slides
-    from nervedet.shards import DeviceJob, rank_device, rank_from_env, run_devices, run_rank
+    from nervedet.shards import DeviceJob, Rank, rank_device, rank_from_env, run_devices, run_rank
+    from nervedet.weights import resolve_device
 
     rank, plan = rank_from_env(), plan_slides(slides)
     if args.devices > 1 and rank.world_size > 1:
         raise ValueError(f"--devices {args.devices} under {rank.launcher} (rank {rank.rank} of {rank.world_size}): "
                          "the launcher starts the ranks already, one per device; leave --devices out")
     if args.devices > 1:
+        rank_device(args.device, Rank(0, args.devices, 0, args.devices))  # --device cuda:3 with 2 ranks: refused
+        resolve_device(args.device)  # no CUDA for --device cuda: one line here, not one per rank
         job = DeviceJob(plan, args.out, args.weights, args.device, settings, args.mpp, args.force,
                         logging.getLogger().level)
         load_model(args.weights, device="cpu")  # a bad weights file is one line here, not one per rank

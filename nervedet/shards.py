@@ -29,6 +29,7 @@ import torch
 from nervedet.cohort import COHORT_CSV, cohort_rows, run_planned
 from nervedet.report import write_cohort_csv
 from nervedet.results import CohortRow
+from nervedet.slide import one_line
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,16 @@ def rank_from_env(env: Mapping[str, str] | None = None) -> Rank:
 
 
 def rank_device(device: str, rank: Rank) -> str:
-    """The device of a rank: with ``auto`` or ``cuda`` and GPUs present, GPU local_rank (modulo their number);
-    a device with an index is kept. On the CPU the ranks of a machine share its cores (torch threads)."""
+    """The device of a rank: with ``auto`` or ``cuda`` and GPUs present, GPU local_rank (modulo their number:
+    more ranks than GPUs share them, with a warning); a device with an index is kept as given, which several
+    ranks on one machine may not share. On the CPU the ranks of a machine share its cores (torch threads)."""
+    if rank.local_world_size > 1 and device.startswith("cuda:"):
+        raise ValueError(f"--device {device} names one GPU for {rank.local_world_size} ranks on this machine: "
+                         "give --device cuda (or auto) and each rank takes its own")
     gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
     if gpus:
+        if rank.local_world_size > gpus and rank.local_rank == 0:
+            log.warning("%d ranks on this machine share its %d GPUs", rank.local_world_size, gpus)
         return f"cuda:{rank.local_rank % gpus}"
     if rank.local_world_size > 1 and (device in ("auto", "cpu")):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.local_world_size))
@@ -205,7 +212,11 @@ def _device_rank(job: DeviceJob, rank: Rank) -> None:
     from nervedet.weights import load_model
 
     logging.basicConfig(level=job.log_level, format=f"nervedet: rank {rank.rank}: %(levelname)s: %(message)s")
-    model = load_model(job.weights, device=rank_device(job.device, rank))
+    try:
+        model = load_model(job.weights, device=rank_device(job.device, rank))
+    except Exception as exc:  # noqa: BLE001 - one line, as the command gives for any bad input
+        print(f"nervedet: rank {rank.rank}: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        sys.exit(1)
     done = iter(range(1, len(rank.share(job.plan)) + 1))
 
     def tell(row: CohortRow) -> None:

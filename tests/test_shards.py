@@ -148,3 +148,20 @@ def test_a_rank_killed_mid_run_loses_no_finished_slide_and_the_rerun_completes_t
     assert _outputs(tmp_path) == reference
     assert _cohort_slides(tmp_path) == STEMS
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder, no rank files
+
+
+@pytest.mark.parametrize("device,message", [("cuda:1", "names one GPU for 2 ranks"),
+                                            ("cuda", "CUDA is not available")])
+def test_devices_with_a_device_they_cannot_share_or_do_not_have_is_one_line_before_any_rank(
+        cohort: Path, tmp_path: Path, capsys, device: str, message: str) -> None:
+    import torch
+
+    from nervedet.cli import main
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    assert main(["infer", str(cohort), "--out", str(out), "--devices", "2", "--device", device]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err and "Traceback" not in err
+    assert not out.exists()
