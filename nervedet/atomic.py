@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -33,3 +34,12 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
         out.flush()
         os.fsync(out.fileno())
     return path
+
+
+def remove_stale(path: Path, suffix: str = ".tmp") -> list[Path]:
+    """Remove the temporary files that writes of ``path`` left when their process was killed (call it only
+    when no other process may be writing ``path``). Returns what was removed."""
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nervedet.analyze import AnalysisSettings, analyze_slide
+from nervedet.atomic import remove_stale
 from nervedet.paths import find_slides, slide_stem
 from nervedet.report import write_cohort_csv
 from nervedet.results import CohortRow, SlideResult
@@ -179,6 +180,7 @@ def run_cohort(inputs: list[Path], out: Path, model: Model, settings: AnalysisSe
     slide, has this run's rows and then those of slides that earlier runs analysed into ``out``."""
     settings = settings or AnalysisSettings()
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out / COHORT_CSV)  # a run killed while writing cohort.csv left its temporary file
     earlier = _earlier_rows(out)
     rows: list[CohortRow] = []
 

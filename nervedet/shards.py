@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from nervedet.atomic import remove_stale
 from nervedet.cohort import COHORT_CSV, cohort_rows, run_planned
 from nervedet.report import write_cohort_csv
 from nervedet.results import CohortRow
@@ -180,6 +181,8 @@ def run_rank(plan: list[tuple[Path, str]], out: Path, model, settings, rank: Ran
         if on_row is not None:
             on_row(row)
 
+    if rank.rank == 0:  # no rank writes cohort.csv before rank 0 has finished: temporary files now are stale
+        remove_stale(out / COHORT_CSV)
     save(False)
     log.info("rank %d of %d (%s): %d of %d slides, on %s", rank.rank, rank.world_size, rank.launcher, len(mine),
              len(plan), model.device)

@@ -114,3 +114,16 @@ def test_cohort_csv_keeps_the_slides_of_earlier_runs_into_the_same_folder(slides
     assert [(Path(r["slide"]).name, r["status"]) for r in table] == [("b.png", "done"), ("broken.svs", "error"),
                                                                      ("a.png", "done")]
     assert table[2]["nerve_count"] == "1"
+
+
+def test_a_rerun_removes_the_temporary_cohort_csv_of_a_run_killed_while_writing_it(slides: Path,
+                                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".cohort.csv.k1ll3d.tmp"  # what atomic_path leaves when SIGKILL lands before the rename
+    stale.write_text("slide,status\n")
+    keep = out / ".cohort.csv.notes"  # not one of its temporary files
+    keep.write_text("mine")
+    run_cohort([slides / "a.png"], out, fake_model(), FAST, mpp=0.5)
+    assert not stale.exists() and keep.exists()
+    assert [Path(r["slide"]).name for r in _rows(out)] == ["a.png"]
