@@ -125,12 +125,27 @@ def _count_in(zone: BaseGeometry | None, xy: np.ndarray) -> int:
     return int(shapely.contains_xy(zone, xy[:, 0], xy[:, 1]).sum())
 
 
+def _count_within(geom: Polygon, xy: np.ndarray, distance: float) -> int:
+    """Points at most ``distance`` from the polygon, inside included (exact distances, no buffer polygon)."""
+    if not len(xy):
+        return 0
+    x0, y0, x1, y1 = geom.bounds
+    box = (xy[:, 0] >= x0 - distance) & (xy[:, 0] <= x1 + distance) & (xy[:, 1] >= y0 - distance) & (
+        xy[:, 1] <= y1 + distance)
+    if not box.any():
+        return 0
+    shapely.prepare(geom)
+    return int(shapely.dwithin(geom, shapely.points(xy[box]), distance).sum())
+
+
 def _grade(nerve: Polygon, tumors: list[Polygon], tree: shapely.STRtree | None, mpp: float,
            s: PostprocessSettings):
     """PNI of one nerve against the tumour near it (the whole tumour's union is never needed)."""
     if tree is None:
         return grade_nerve(nerve, None, mpp, s.pni), math.inf
-    near = tree.query(nerve.buffer(s.pni.close_um / mpp * 2 + 2))
+    d = s.pni.close_um / mpp * 2 + 2  # the tree tests bounding boxes: the nerve's, grown by d, is enough
+    x0, y0, x1, y1 = nerve.bounds
+    near = tree.query(shapely.box(x0 - d, y0 - d, x1 + d, y1 + d))
     local = shapely.union_all([tumors[i] for i in near]) if len(near) else None
     res = grade_nerve(nerve, local, mpp, s.pni)
     if len(near):
@@ -169,7 +184,7 @@ def postprocess(out: InferenceOutput, tissue: TissueMask, settings: PostprocessS
             geometry=to_level0(n, g.origin, g.scale), area_um2=n.area * px2, perimeter_um=n.length * mpp,
             min_diameter_um=min_feret(n) * mpp, max_diameter_um=max_feret(n) * mpp,
             probability=probability, encirclement=res.encirclement, distance_to_tumor_um=distance,
-            pni_grade=res.grade, immune_within_100um=_count_in(n.buffer(zone_px), immune),
+            pni_grade=res.grade, immune_within_100um=_count_within(n, immune, zone_px),
             intratumoral=intratumoral))
     # zones, in canvas px, clipped to the tissue
     tissue_geom = shapely.union_all([from_level0(p, g.origin, g.scale) for p in tissue.to_polygons()])
