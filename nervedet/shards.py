@@ -19,14 +19,13 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from nervedet.atomic import remove_stale
+from nervedet.atomic import remove_stale, write_text
 from nervedet.cohort import COHORT_CSV, cohort_rows, run_planned
 from nervedet.report import write_cohort_csv
 from nervedet.results import CohortRow
@@ -113,14 +112,6 @@ def run_key(plan: list[tuple[Path, str]], rank: Rank) -> str:
     return f"{slides.hexdigest()[:16]}-{hashlib.sha256(rank.run_id.encode()).hexdigest()[:8]}"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def _rank_file(out: Path, key: str, rank: int) -> Path:
     return out / RANKS_DIR / key / f"rank-{rank:05d}.json"
 
@@ -173,7 +164,7 @@ def run_rank(plan: list[tuple[Path, str]], out: Path, model, settings, rank: Ran
            "slides": len(mine)}
 
     def save(finished: bool) -> None:
-        _write_json(record, {**who, "finished": finished, "rows": [asdict(r) for r in rows]})
+        write_text(record, json.dumps({**who, "finished": finished, "rows": [asdict(r) for r in rows]}))
 
     def told(row: CohortRow) -> None:
         rows.append(row)
