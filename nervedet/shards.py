@@ -30,6 +30,7 @@ from nervedet.cohort import COHORT_CSV, cohort_rows, run_planned
 from nervedet.report import write_cohort_csv
 from nervedet.results import CohortRow
 from nervedet.slide import one_line
+from nervedet.weights import cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ def rank_device(device: str, rank: Rank) -> str:
         if rank.local_world_size > gpus and rank.local_rank == 0:
             log.warning("%d ranks on this machine share its %d GPUs", rank.local_world_size, gpus)
         return f"cuda:{rank.local_rank % gpus}"
-    if rank.local_world_size > 1 and (device in ("auto", "cpu")):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.local_world_size))
+    if device in ("auto", "cpu"):
+        cpu_threads(rank.local_world_size)
     return "cpu" if device == "auto" else device
 
 

@@ -61,6 +61,17 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
+def cpu_threads(processes: int) -> int | None:
+    """Split this machine's CPU cores between ``processes`` processes that run torch side by side (2 processes
+    on 2 cores get one thread each instead of oversubscribing): the thread count set, or None for one process."""
+    if processes <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // processes)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N" or a torch.device."""
     if isinstance(device, str) and device.strip().lower() == "auto":

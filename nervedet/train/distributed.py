@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,17 +75,6 @@ def build_strategy(name: str, accelerator: str, processes: int) -> str | Strateg
             params["process_group_backend"] = "gloo"
         return DDPStrategy(**params)
     return name
-
-
-def cpu_threads(per_node: int) -> int | None:
-    """Split the CPU cores between the training processes of this node (2 processes on 2 cores get one
-    thread each instead of oversubscribing); the thread count set, or None when one process runs."""
-    if per_node <= 1:
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // per_node)
-    torch.set_num_threads(threads)
-    return threads
 
 
 @contextlib.contextmanager

@@ -18,9 +18,9 @@ from nervedet.train.augment import build_augment
 from nervedet.train.config import SyntheticData, TrainConfig
 from nervedet.train.data import SlideSpec
 from nervedet.train.dataset import PatchDataset, describe, split_by_slide
-from nervedet.train.distributed import RankReport, cpu_threads, file_lock, placement
+from nervedet.train.distributed import RankReport, file_lock, placement
 from nervedet.train.module import NerveSegmenter
-from nervedet.weights import cpu_bf16_supported, resolve_device, save_weights
+from nervedet.weights import cpu_bf16_supported, cpu_threads, resolve_device, save_weights
 
 log = logging.getLogger(__name__)
 
