@@ -66,7 +66,8 @@ def reading_order(geom: BaseGeometry) -> tuple[float, float]:
 
 def merge_objects(parts: list[Objects]) -> Objects:
     """One slide's objects from those of its regions (whose canvases, and so objects and zones, are disjoint):
-    lists joined in region order, areas and counts added."""
+    nerves and tumours in reading order over the whole slide, immune cells region after region, areas and
+    counts added."""
     if len(parts) == 1:
         return parts[0]
     zones = ("intratumoral", "peritumoral", "perineural")

@@ -111,7 +111,7 @@ class _OpenSlideBackend:
         self._jpeg: JpegTiles | None = None
         self._fast: dict[int, bool] = {}  # level -> reduced-scale JPEG reads agree with OpenSlide
 
-    def _fast_level(self, level: int) -> bool:
+    def decodes_scaled(self, level: int) -> bool:
         """Whether ``level`` can be read at reduced scale (checked once: one tile against OpenSlide's)."""
         if level not in self._fast:
             self._fast[level] = False
@@ -131,7 +131,7 @@ class _OpenSlideBackend:
 
     def read_scaled(self, level: int, x: int, y: int, w: int, h: int, scale: int) -> np.ndarray | None:
         """``w`` × ``h`` px of the level decoded at 1/``scale`` from scaled px (x, y); None where not possible."""
-        if scale <= 1 or not self._fast_level(level):
+        if scale <= 1 or not self.decodes_scaled(level):
             return None
         assert self._jpeg is not None
         return self._jpeg.read(self.level_dimensions[level], x, y, w, h, scale)
@@ -407,7 +407,7 @@ class Slide:
         """Whether reads at ``mpp`` that shrink a finer level are decoded at reduced scale in the DCT domain
         (cheap: jpeg_tiles.py) rather than decoded at full size and resized."""
         level = self.level_for_mpp(mpp)
-        fast = getattr(self._backend, "_fast_level", None)
+        fast = getattr(self._backend, "decodes_scaled", None)  # OpenSlide-read TIFFs only
         return bool(self.fast_jpeg and fast is not None and scale_for(mpp / self.level_mpps[level]) > 1
                     and fast(level))
 
