@@ -52,6 +52,7 @@ from nervedet.infer import (  # noqa: E402
     run_inference,
 )
 from nervedet.model import normalize  # noqa: E402
+from nervedet.postprocess import class_masks  # noqa: E402
 from nervedet.slide import open_slide  # noqa: E402
 from nervedet.synth import SynthSettings, make_synthetic_slide  # noqa: E402
 from nervedet.tissue import detect_tissue  # noqa: E402
@@ -134,9 +135,7 @@ def peer_mask_dice(model, path: Path, mask_npy: Path) -> float:
     with open_slide(path) as slide:
         out = run_inference(model, slide, detect_tissue(slide), InferSettings(tile_size=TILE, progress=False))
     g = out.grid
-    p = out.probs.astype(np.int16)
-    k = out.class_names.index("Nerve")
-    nerve = (p[k] >= p.max(0)) & (p[k] > 255 - p.sum(0))
+    nerve = class_masks(out, 0)["Nerve"]  # the pipeline's own class map, without its smoothing
     ours = np.zeros_like(peer)
     x0, y0 = round(g.origin[0] / g.scale), round(g.origin[1] / g.scale)
     h, w = min(nerve.shape[0], peer.shape[0] - y0), min(nerve.shape[1], peer.shape[1] - x0)
