@@ -236,3 +236,7 @@ def test_regions_split_far_pieces_and_keep_near_ones_and_nested_ones_together() 
     assert _boxes(split_regions(tissue, gap_um=2000.0)) == [(10, 10, 120, 220), (400, 300, 590, 390)]  # A-B, E
     assert len(split_regions(tissue, gap_um=6000.0)) == 1
     assert split_regions(TissueMask(np.zeros((5, 5), bool), 8.0, 0.5), 500.0) == []
+    corner = np.zeros((320, 320), bool)  # an L of tissue, and a speck 1.5 mm from it inside the L's box:
+    corner[0:10, 0:300] = corner[0:300, 0:10] = True  # far apart, but their boxes overlap, so one region
+    corner[200:210, 200:210] = True
+    assert _boxes(split_regions(TissueMask(corner, mpp=8.0, slide_mpp=0.5), gap_um=500.0)) == [(0, 0, 300, 300)]
