@@ -174,3 +174,21 @@ def test_tile_scores_are_perfect_for_the_truth_and_miss_a_cell_moved_by_4_um() -
     batch["n_points"] = torch.tensor([3])
     moved.update(out, batch)
     assert (moved.tp, moved.fp, moved.fn) == (1, 1, 2)
+
+
+def test_fine_tuning_may_change_the_patch_size_but_not_the_network(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from nervedet.train.run import _init_from
+    from nervedet.weights import WeightsError, save_weights
+
+    source = NerveSegmenter(TINY.to_dict())
+    path = save_weights(tmp_path / "tiny.safetensors", source.network, TINY)
+    larger = replace(TINY, tile_size=128)  # the training patch size only: the network is the same
+    target = NerveSegmenter(larger.to_dict())
+    _init_from(target, str(path), larger)
+    for name, value in source.network.state_dict().items():
+        assert torch.equal(target.network.state_dict()[name], value), name
+    wider = replace(TINY, decoder_channels=(32, 16, 16, 8, 4))
+    with pytest.raises(WeightsError, match="differs from the training's in architecture"):
+        _init_from(NerveSegmenter(wider.to_dict()), str(path), wider)

@@ -112,12 +112,19 @@ def _precision(setting: str, device: torch.device) -> str:
 
 
 def _init_from(module: NerveSegmenter, source: str, model_cfg: ModelConfig) -> None:
-    """Start the network from a weights file ("bundled": the default weights); its config must match."""
+    """Start the network from a weights file ("bundled": the default weights).
+
+    Its config must match the training's except for ``tile_size``: that is only the training patch size (the
+    network is fully convolutional), so a model trained on 256-px patches may be fine-tuned on larger ones.
+    """
     from nervedet.weights import WeightsError, load_model
 
     init = load_model(None if source == "bundled" else source)
-    if init.config.to_dict() != model_cfg.to_dict():
-        raise WeightsError(f"{init.path}: its model config differs from the training's; cannot start from it")
+    theirs, ours = init.config.to_dict(), model_cfg.to_dict()
+    differ = sorted(k for k in ours.keys() | theirs.keys() if k != "tile_size" and theirs.get(k) != ours.get(k))
+    if differ:
+        raise WeightsError(f"{init.path}: its model config differs from the training's in {', '.join(differ)}; "
+                           "cannot start from it")
     module.network.load_state_dict(init.network.state_dict())
     log.info("starting from the weights %s (sha256 %s…)", init.path, init.sha256[:12])
 
