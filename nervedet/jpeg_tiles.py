@@ -71,7 +71,7 @@ class JpegTiles:
             os.close(self._fd)
         self._fd = None
 
-    def _tile(self, lv: _Level, index: int, scale: int) -> np.ndarray | None:
+    def _stream(self, lv: _Level, index: int) -> bytes | None:
         count = lv.counts[index]
         if not count:
             return None
@@ -80,6 +80,18 @@ class JpegTiles:
             data = lv.tables[:-2] + data[2:]
         if lv.rgb:  # an Adobe marker saying "no colour transform", or libjpeg would take R, G, B for YCbCr
             data = data[:2] + _ADOBE_RGB + data[2:]
+        return data
+
+    def stream(self, size: tuple[int, int], col: int, row: int) -> bytes | None:
+        """The complete JPEG stream (tables merged, colour convention marked) of tile (col, row) of the level of
+        ``size``, that any JPEG decoder can read on its own; None for an empty tile (white)."""
+        lv = self.levels[size]
+        return self._stream(lv, row * math.ceil(lv.width / lv.tile_w) + col)
+
+    def _tile(self, lv: _Level, index: int, scale: int) -> np.ndarray | None:
+        data = self._stream(lv, index)
+        if data is None:
+            return None
         with Image.open(io.BytesIO(data)) as im:
             if scale > 1:
                 im.draft("RGB", (math.ceil(lv.tile_w / scale), math.ceil(lv.tile_h / scale)))
