@@ -35,9 +35,11 @@ class AnalysisSettings:
     overlay_min_mpp: float = 1.0  # and its pixels no finer than this (µm)
 
     def result_settings(self) -> dict[str, Any]:
-        """The settings that change the results (not batch size, workers, compilation or the progress bar)."""
+        """The settings that change the results (not batch size, workers, compilation, the progress bar, or
+        where JPEG tiles are decoded: it changes pixels by the decoders' rounding only, and run.json records
+        the path used as "decode")."""
         d = asdict(self)
-        for k in ("batch_size", "workers", "progress", "compile"):
+        for k in ("batch_size", "workers", "progress", "compile", "device_decode"):
             d["infer"].pop(k)
         return d
 
@@ -80,7 +82,7 @@ def _infer_regions(model: Model, slide: Slide, tissue: TissueMask, settings: Ana
     mpp, s = model.config.analysis_mpp, settings.infer
     regions = canvas_regions(slide, tissue, mpp, s)
     total = sum(len(canvas_grid(slide, r, mpp, s).tiles) for r in regions)
-    parts, tiles, seconds, precision = [], 0, 0.0, "none"
+    parts, tiles, seconds, precision, decode = [], 0, 0.0, "none", "none"
     with tqdm(total=total, desc=slide.path.name, unit="tile", disable=not s.progress, leave=False,
               dynamic_ncols=True) as bar:
         for region in regions:
@@ -88,8 +90,10 @@ def _infer_regions(model: Model, slide: Slide, tissue: TissueMask, settings: Ana
             parts.append(postprocess(out, region, settings.post))
             tiles, seconds = tiles + len(out.grid.tiles), seconds + out.seconds
             precision = out.precision if out.precision != "none" else precision
+            decode = out.decode if out.grid.tiles else decode
             del out  # the region's canvas goes before the next one is made
-    stats = {"precision": precision, "tiles": tiles, "inference_s": round(seconds, 2), "regions": len(regions)}
+    stats = {"precision": precision, "decode": decode, "tiles": tiles, "inference_s": round(seconds, 2),
+             "regions": len(regions)}
     return merge_objects(parts), stats
 
 

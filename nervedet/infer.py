@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from nervedet.device_jpeg import DEVICE_DECODE_MODES, device_tiles
 from nervedet.model import normalize
 from nervedet.peaks import DEFAULT_THRESHOLD, find_peaks
 from nervedet.slide import Slide, SlideError, one_line, open_slide
@@ -50,6 +51,8 @@ class InferSettings:
     max_canvas_mb: float = 512.0
     region_gap_um: float = 500.0  # and tissue pieces nearer than this to each other stay in one region
     compile: bool = False  # torch.compile the network (once per model and process): for long runs on a GPU
+    # JPEG tiles decoded on the model's device (device_jpeg.py): auto = on CUDA; "on" also on the CPU; "off"
+    device_decode: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -61,6 +64,9 @@ class InferSettings:
             raise ValueError("max_canvas_mb must be positive and region_gap_um not negative")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device_decode not in DEVICE_DECODE_MODES:
+            raise ValueError(f"device_decode must be one of {', '.join(DEVICE_DECODE_MODES)}, "
+                             f"got {self.device_decode!r}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class InferenceOutput:
     analysis_mpp: float
     precision: str
     seconds: float
+    decode: str = "reader"  # where the JPEG tiles were decoded: "device" (device_jpeg.py) or "reader" (normal)
 
     def immune_level0(self) -> np.ndarray:
         g = self.grid
@@ -320,9 +327,11 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
         net = compiled(net)
     workers = settings.workers if settings.workers is not None else auto_workers(slide, cfg.analysis_mpp, device)
     batch = batch_size_for(settings, device)
-    loader = DataLoader(TileDataset(slide, grid, cfg.analysis_mpp), batch_size=batch,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=2 if workers else None)
+    on_device = device_tiles(slide, grid, cfg.analysis_mpp, device, settings.device_decode)
+    loader = DataLoader(on_device.dataset() if on_device else TileDataset(slide, grid, cfg.analysis_mpp),
+                        batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=2 if workers else None,
+                        collate_fn=on_device.collate if on_device else None)
     found: list[np.ndarray] = []
     precision = None
     radius = max(1, round(settings.peak_min_distance_um / cfg.analysis_mpp))  # px at the analysis mpp
@@ -334,6 +343,7 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
         for images, idx, errors in loader:
             if problem := next((e for e in errors if e), None):
                 raise SlideError(problem)
+            images = on_device.decode(images, idx) if on_device else images
             x = normalize(images.to(device, non_blocking=True), cfg).contiguous(memory_format=torch.channels_last)
             precision = precision or choose_precision(model, x, settings.precision)
             out = _run(net, x, device, precision)
@@ -347,11 +357,14 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     finally:
         if own_bar:
             bar.close()
+        if on_device:
+            on_device.close()
     canvas = stitcher.finish()
     pts = np.concatenate(found) if found else np.zeros((0, 3))
     seconds = time.perf_counter() - t0
-    log.info("%s: %d tiles of %d px in %.1f s (%.1f tiles/s, %s), %d immune-cell peaks", slide.path.name,
-             len(grid.tiles), grid.tile_size, seconds, len(grid.tiles) / max(seconds, 1e-9), precision or "-",
-             len(pts))
+    decode = "device" if on_device else "reader"
+    log.info("%s: %d tiles of %d px in %.1f s (%.1f tiles/s, %s, decoded by the %s), %d immune-cell peaks",
+             slide.path.name, len(grid.tiles), grid.tile_size, seconds, len(grid.tiles) / max(seconds, 1e-9),
+             precision or "-", decode, len(pts))
     return InferenceOutput(grid, names, canvas, pts[:, :2], pts[:, 2], cfg.analysis_mpp, precision or "none",
-                           seconds)
+                           seconds, decode)
