@@ -123,6 +123,27 @@ def area_weights(axes: list[Axis], n_in: int, device: torch.device) -> torch.Ten
     return torch.stack(out).float()
 
 
+def _factor(plans: list[TilePlan]) -> int | None:
+    """The whole number k when every tile's window is shrunk by exactly k on both axes (40x read at 0.5)."""
+    k = plans[0].x.raw // plans[0].x.big
+    exact = all(a.raw == k * a.big for p in plans for a in (p.x, p.y))
+    return k if k >= 1 and exact else None
+
+
+def shrink(window: torch.Tensor, plans: list[TilePlan]) -> torch.Tensor:
+    """Float (B, 3, T, T): the uint8 windows (B, 3, H, W) resized and cropped as ``_fit`` does. A whole factor
+    is a k × k mean (avg_pool2d: cheap on any device); any other a batched product with area_weights (about
+    20 GFLOP a batch of four 512-px tiles: nothing on a GPU, a second on two CPU cores)."""
+    k = _factor(plans)
+    if k is not None:
+        big = torch.nn.functional.avg_pool2d(window.float(), k) if k > 1 else window.float()
+        return torch.stack([big[i, :, p.y.crop:p.y.crop + p.y.size, p.x.crop:p.x.crop + p.x.size]
+                            for i, p in enumerate(plans)])
+    wy = area_weights([p.y for p in plans], window.shape[2], window.device)
+    wx = area_weights([p.x for p in plans], window.shape[3], window.device)
+    return wy[:, None] @ window.float() @ wx.transpose(1, 2)[:, None]
+
+
 def decode_streams(streams: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """RGB uint8 (3, h, w) images of JPEG streams, decoded together on ``device`` (nvJPEG on CUDA)."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -201,10 +222,7 @@ class DeviceTiles:
                 h, w = min(piece.h, img.shape[1] - piece.sy), min(piece.w, img.shape[2] - piece.sx)
                 window[k, :, piece.dy:piece.dy + h, piece.dx:piece.dx + w] = \
                     img[:, piece.sy:piece.sy + h, piece.sx:piece.sx + w]
-        wy = area_weights([p.y for p in plans], hmax, self.device)
-        wx = area_weights([p.x for p in plans], wmax, self.device)
-        out = wy[:, None] @ window.float() @ wx.transpose(1, 2)[:, None]
-        return out.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)  # halves up, as cv2 INTER_AREA
+        return shrink(window, plans).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)  # halves up, as cv2
 
     def agrees(self) -> bool:
         """Whether a level tile that the grid uses (one of the middle grid tile's), decoded on the device, matches
