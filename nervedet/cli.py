@@ -140,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--compile", action="store_true",
                    help="run the network through torch.compile: about a minute of compiling per process, then "
                         "faster kernels; worth it on a GPU for a cohort, rarely on the CPU (default off)")
+    i.add_argument("--device-decode", choices=("auto", "on", "off"), default="auto",
+                   help="decode the JPEG tiles of TIFF/SVS slides on the model's device (nvJPEG on CUDA, a batch at "
+                        "a time) instead of in the tile readers, which then only read bytes: frees the CPU beside a "
+                        "fast GPU. Used per slide only where one decoded tile agrees with OpenSlide's (else a "
+                        "warning and the normal path); slides whose tiles are not JPEG use the normal path. auto: on "
+                        "with CUDA, off otherwise; on: also on the CPU (default auto)")
     i.add_argument("--devices", type=_positive(int), default=1, metavar="N",
                    help="ranks on this machine, each analysing every N-th slide on its own device: GPU 0..N-1, or "
                         "sharing the CPU's cores. Under torchrun or srun leave it out: each process started there "
@@ -200,7 +206,8 @@ def _infer(args: argparse.Namespace) -> int:
 
     settings = AnalysisSettings(infer=InferSettings(
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
-        precision=args.precision, compile=args.compile, progress=not args.no_progress))
+        precision=args.precision, compile=args.compile, device_decode=args.device_decode,
+        progress=not args.no_progress))
     if not any(p.exists() for p in args.inputs):
         raise ValueError(f"{args.inputs[0]}: no such file or folder")
     slides = find_slides(args.inputs)
