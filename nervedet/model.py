@@ -39,7 +39,7 @@ class ModelConfig:
     heatmap: ClassSpec = ClassSpec("Immune cells", (160, 90, 160))
     heatmap_sigma_um: float = 1.0
     analysis_mpp: float = 0.5
-    tile_size: int = 256
+    tile_size: int = 512  # training patch size (px at analysis_mpp); inference tiles are InferSettings'
     mean: tuple[float, float, float] = (0.70, 0.50, 0.64)
     std: tuple[float, float, float] = (0.18, 0.20, 0.16)
     architecture: str = "unet"

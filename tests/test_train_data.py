@@ -23,7 +23,7 @@ from nervedet.train.data import IGNORE, MAX_POINTS, NOT_NERVE, AnnotatedSlide, P
 from nervedet.train.dataset import PatchDataset, describe, render_heatmap, split_by_slide
 from tests.conftest import real_data_dir
 
-CFG = ModelConfig()
+CFG = ModelConfig(tile_size=256)  # the patch geometry below is laid out for 256-px patches
 NERVE, TUMOR = CFG.class_index("Nerve"), CFG.class_index("Tumor")
 SIGMA_PX = CFG.heatmap_sigma_um / CFG.analysis_mpp
 
