@@ -31,7 +31,7 @@ from nervedet.cohort import run_cohort  # noqa: E402
 from nervedet.evaluate import evaluate_paths, format_table, write_report  # noqa: E402
 from nervedet.infer import InferSettings  # noqa: E402
 from nervedet.report import summary_table  # noqa: E402
-from nervedet.synth import SynthSettings, make_synthetic_slide  # noqa: E402
+from nervedet.synth import SynthSettings, cached_synthetic_slide  # noqa: E402
 from nervedet.weights import load_model  # noqa: E402
 
 SLIDES = ((9100, "svs", 0.25), (9101, "tiff", 0.25), (9102, "svs", 0.5))
@@ -57,10 +57,7 @@ def main() -> int:
     for seed, fmt, mpp in SLIDES:
         s = SynthSettings(seed=seed, width_mm=args.size_mm, height_mm=args.size_mm, mpp=mpp, fmt=fmt,
                           name=f"heldout_{seed}_{fmt}_{mpp:g}")
-        slide = truth_dir / f"{s.stem}.{fmt}"
-        if not slide.exists():
-            make_synthetic_slide(truth_dir, s)
-        paths.append(slide)
+        paths.append(cached_synthetic_slide(truth_dir, s)[0])
     model = load_model(args.weights)
     settings = AnalysisSettings(infer=InferSettings(workers=args.workers))
     rows = run_cohort(paths, pred_dir, model, settings)

@@ -36,7 +36,7 @@ from nervedet.geojson import read_geojson  # noqa: E402
 from nervedet.infer import InferSettings  # noqa: E402
 from nervedet.postprocess import PostprocessSettings  # noqa: E402
 from nervedet.report import result_features  # noqa: E402
-from nervedet.synth import SynthSettings, make_synthetic_slide  # noqa: E402
+from nervedet.synth import SynthSettings, cached_synthetic_slide  # noqa: E402
 from nervedet.weights import load_model  # noqa: E402
 
 VALIDATION = ((9200, "svs", 0.25), (9201, "tiff", 0.25), (9202, "svs", 0.5), (9203, "svs", 0.5),
@@ -60,11 +60,9 @@ def main() -> int:
     for seed, fmt, mpp in VALIDATION:
         s = SynthSettings(seed=seed, width_mm=args.size_mm, height_mm=args.size_mm, mpp=mpp, fmt=fmt,
                           name=f"val_{seed}_{fmt}_{mpp:g}")
-        path = slides / f"{s.stem}.{fmt}"
-        if not path.exists():
-            make_synthetic_slide(slides, s)
+        path, truth = cached_synthetic_slide(slides, s)
         result = analyze_slide(path, model=model, settings=settings)
-        results.append((result, read_geojson(slides / f"{s.stem}.geojson"), mpp))
+        results.append((result, read_geojson(truth), mpp))
         print(f"analysed {path.name}: {len(result.nerves)} nerve candidates", flush=True)
 
     rows = []

@@ -15,7 +15,7 @@ from shapely.geometry import shape
 
 from nervedet import classes
 from nervedet.cli import main
-from nervedet.synth import SynthSettings, make_synthetic_slide
+from nervedet.synth import SynthSettings, cached_synthetic_slide, make_synthetic_slide
 from nervedet.synth.layout import make_layout
 from nervedet.synth.pyramid import write_pyramid
 from nervedet.synth.render import TileRenderer
@@ -227,3 +227,15 @@ def test_tiled_glass_changes_only_bare_glass_and_encodes_it_once(tmp_path: Path)
 def test_glass_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="glass"):
         SynthSettings(glass="plain")
+
+
+def test_a_cached_slide_is_made_once_and_again_when_its_truth_is_missing(tmp_path: Path) -> None:
+    s = SynthSettings(seed=5, width_mm=0.2, height_mm=0.2, mpp=0.5, name="cached")
+    slide, truth = cached_synthetic_slide(tmp_path, s)
+    assert (slide.name, truth.name) == ("cached.svs", "cached.geojson") and slide.exists() and truth.exists()
+    stamps = slide.stat().st_mtime_ns, truth.stat().st_mtime_ns
+    assert cached_synthetic_slide(tmp_path, s) == (slide, truth)
+    assert (slide.stat().st_mtime_ns, truth.stat().st_mtime_ns) == stamps  # not made again
+    truth.unlink()  # an interrupted run: the slide without its truth
+    assert cached_synthetic_slide(tmp_path, s) == (slide, truth) and truth.exists()
+    assert slide.stat().st_mtime_ns != stamps[0]

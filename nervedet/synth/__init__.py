@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 TILED_GLASS_PX = 2**30  # level-0 pixels (about 32800²) above which glass="auto" tiles the glass
 
-__all__ = ["Stain", "SynthResult", "SynthSettings", "TileRenderer", "make_layout", "make_synthetic_slide"]
+__all__ = ["Stain", "SynthResult", "SynthSettings", "TileRenderer", "cached_synthetic_slide", "make_layout",
+           "make_synthetic_slide"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +87,14 @@ def make_synthetic_slide(out_dir: str | Path, settings: SynthSettings = SynthSet
     pni = sum(1 for f in feats if f.classification == "Nerve: PNI")
     return SynthResult(slide_path, truth_path, width, height, s.mpp, sizes, layout.tissue_area_mm2,
                        len(layout.nerves), pni, len(layout.tumors), len(layout.immune))
+
+
+def cached_synthetic_slide(out_dir: str | Path, settings: SynthSettings) -> tuple[Path, Path]:
+    """The slide and truth paths of ``settings`` in ``out_dir``, made only when the truth file is missing (the
+    truth is written last, so a slide cut short by an interruption is made again)."""
+    out = Path(out_dir)
+    slide, truth = out / f"{settings.stem}.{settings.fmt}", out / f"{settings.stem}.geojson"
+    if not (slide.exists() and truth.exists()):
+        made = make_synthetic_slide(out, settings)
+        slide, truth = made.slide_path, made.truth_path
+    return slide, truth
