@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+import shapely
 
 from nervedet.analyze import AnalysisSettings, slide_metrics
 from nervedet.infer import CanvasGrid, InferenceOutput
@@ -157,3 +158,18 @@ def test_nerve_candidates_of_low_mean_probability_are_dropped_as_detections_belo
     assert [round(n.probability, 2) for n in kept] == [0.9]
     every = postprocess(out, _tissue(), PostprocessSettings(min_nerve_probability=0.0)).nerves
     assert sorted(round(n.probability, 2) for n in every) == [0.65, 0.9]
+
+
+def test_the_perineural_zone_is_the_band_around_every_boundary_holes_included() -> None:
+    from shapely.geometry import Polygon, box
+
+    from nervedet.postprocess import perineural_zone
+
+    ring = Polygon(box(0, 0, 400, 400).exterior.coords, [box(100, 100, 300, 300).exterior.coords])  # a big hole
+    small = box(380, 380, 460, 440)  # overlaps the first nerve's band
+    zone = perineural_zone([ring, small], 30.0)
+    band = shapely.union_all([ring.boundary.buffer(30.0), small.boundary.buffer(30.0)])
+    assert zone.symmetric_difference(band).area < 1e-6 * band.area
+    inside = lambda x, y: bool(shapely.contains_xy(zone, x, y))  # noqa: E731
+    assert inside(200, 120) and inside(20, 200) and inside(-20, 200)  # near the hole's ring, in the nerve, outside
+    assert not inside(200, 200) and not inside(50, 50) and not inside(-40, 200)  # hole's middle, deep, far out
