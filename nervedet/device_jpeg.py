@@ -21,16 +21,14 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from nervedet import jpeg_tiles
 from nervedet.jpeg_tiles import JpegTiles
-from nervedet.slide import Slide, SlideError, one_line
+from nervedet.slide import Slide, SlideError, is_tiff, one_line
 
 if TYPE_CHECKING:
     from nervedet.infer import CanvasGrid
@@ -40,7 +38,6 @@ log = logging.getLogger(__name__)
 DEVICE_DECODE_MODES = ("auto", "on", "off")
 _EPS = 1e-6  # as slide.read_region
 MIN_FACTOR = 0.99  # level px per output px: below this read_region enlarges (bilinear), which is not done here
-_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 _AGREES: weakref.WeakKeyDictionary[Slide, dict[tuple[int, str], bool]] = weakref.WeakKeyDictionary()
 
 
@@ -238,21 +235,10 @@ class DeviceTiles:
         w, h = min(lv.tile_w, lv.width - x), min(lv.tile_h, lv.height - y)
         mine = decode_streams([_as_tensor(data)], self.device)[0][:, :h, :w].permute(1, 2, 0).cpu().numpy()
         ref = self.slide.read_region((x * d, y * d), (w, h), self.slide.level_mpps[self.level])
-        diff = float(np.abs(mine.astype(np.int16) - ref.astype(np.int16)).mean())
-        log.debug("%s: level %d decoded on %s differs from OpenSlide by %.2f", self.slide.path.name, self.level,
-                  self.device, diff)
-        return diff <= jpeg_tiles.AGREEMENT
+        return jpeg_tiles.agree(mine, ref, f"{self.slide.path.name}: level {self.level} decoded on {self.device}")
 
     def close(self) -> None:
         self.jpeg.close()
-
-
-def _is_tiff(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) in _TIFF_MAGIC
-    except OSError:
-        return False
 
 
 def _unsuitable(slide: Slide, mpp: float) -> tuple[str | None, JpegTiles | None, int]:
@@ -261,7 +247,7 @@ def _unsuitable(slide: Slide, mpp: float) -> tuple[str | None, JpegTiles | None,
     level = slide.level_for_mpp(mpp)
     if mpp / slide.level_mpps[level] < MIN_FACTOR:
         return "its finest level is coarser than the analysis mpp (tiles are enlarged)", None, level
-    if not _is_tiff(slide.path):
+    if not is_tiff(slide.path):
         return "not a TIFF file", None, level
     try:
         jpeg = JpegTiles(slide.path)

@@ -39,6 +39,14 @@ class _Level:
     rgb: bool  # components stored as R, G, B (TIFF photometric RGB, as Aperio writes), not YCbCr
 
 
+def agree(mine: np.ndarray, reference: np.ndarray, what: str) -> bool:
+    """Whether a decode (RGB uint8) matches OpenSlide's ``reference`` within AGREEMENT (mean absolute
+    difference, 0-255); ``what`` names the decode in the debug log."""
+    diff = float(np.abs(mine.astype(np.int16) - reference.astype(np.int16)).mean())
+    log.debug("%s differs from OpenSlide by %.2f", what, diff)
+    return diff <= AGREEMENT
+
+
 def scale_for(factor: float) -> int:
     """The largest DCT reduction that still keeps at least the resolution asked for (1 = none)."""
     return next((s for s in SCALES if factor >= s * (1 - 1e-6)), 1)
@@ -119,8 +127,5 @@ class JpegTiles:
     def agrees(self, size: tuple[int, int], reference: np.ndarray, x: int, y: int) -> bool:
         """True when the full-scale decode of the region at level px (x, y) matches ``reference`` (OpenSlide's)."""
         h, w = reference.shape[:2]
-        mine = self.read(size, x, y, w, h, 1).astype(np.int16)
-        diff = float(np.abs(mine - reference.astype(np.int16)).mean())
-        log.debug("%s: level %s decoded here differs from OpenSlide by %.2f", self.path, size, diff)
-        return diff <= AGREEMENT
+        return agree(self.read(size, x, y, w, h, 1), reference, f"{self.path}: level {size} decoded here")
 

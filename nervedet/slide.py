@@ -107,7 +107,7 @@ class _OpenSlideBackend:
         self.handle = handle
         self.level_dimensions = tuple(handle.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
-        self._path = path if path is not None and _is_tiff(path) else None
+        self._path = path if path is not None and is_tiff(path) else None
         self._jpeg: JpegTiles | None = None
         self._fast: dict[int, bool] = {}  # level -> reduced-scale JPEG reads agree with OpenSlide
 
@@ -322,7 +322,8 @@ def _open_tiff(path: Path) -> tifffile.TiffFile:
         logger.propagate = propagate
 
 
-def _is_tiff(path: Path) -> bool:
+def is_tiff(path: Path) -> bool:
+    """Whether the file starts with a TIFF (or BigTIFF) signature."""
     if not path.is_file():
         return False
     with open(path, "rb") as f:
@@ -452,7 +453,7 @@ def _open_backend(path: Path) -> tuple[_Backend, str, dict[str, str]]:
     except Exception:  # noqa: BLE001 - OpenSlide could not even look at it; the other readers say why
         fmt = None
     tif = None
-    if _is_tiff(path):
+    if is_tiff(path):
         try:
             tif = _open_tiff(path)
         except SlideError:
@@ -502,7 +503,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     file_mpp = None
     if float(props.get("openslide.mpp-x", 0)) > 0 and float(props.get("openslide.mpp-y", 0)) > 0:
         file_mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
-    elif _is_tiff(path):
+    elif is_tiff(path):
         file_mpp = _tiff_mpp(path)
     if mpp is not None:
         if file_mpp and abs(file_mpp[0] - mpp) > 0.01 * mpp:
