@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nervedet.synth import SynthSettings, make_synthetic_slide  # noqa: E402
+from nervedet.synth import SynthSettings, cached_synthetic_slide  # noqa: E402
 
 
 def main() -> int:
@@ -37,8 +37,7 @@ def main() -> int:
     slides.mkdir(parents=True, exist_ok=True)
     for seed in range(9600, 9600 + args.slides):
         s = SynthSettings(seed=seed, width_mm=args.size_mm, height_mm=args.size_mm, mpp=args.mpp)
-        if not (slides / f"{s.stem}.svs").exists():
-            make_synthetic_slide(slides, s)
+        cached_synthetic_slide(slides, s)
     res: dict = {"slides": args.slides, "size_mm": args.size_mm, "mpp": args.mpp, "device": args.device, "runs": {}}
     reference = None
     for n in args.devices:

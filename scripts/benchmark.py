@@ -54,7 +54,7 @@ from nervedet.infer import (  # noqa: E402
 from nervedet.model import normalize  # noqa: E402
 from nervedet.postprocess import class_masks  # noqa: E402
 from nervedet.slide import open_slide  # noqa: E402
-from nervedet.synth import SynthSettings, make_synthetic_slide  # noqa: E402
+from nervedet.synth import SynthSettings, cached_synthetic_slide  # noqa: E402
 from nervedet.tissue import detect_tissue  # noqa: E402
 from nervedet.weights import load_model  # noqa: E402
 
@@ -63,10 +63,7 @@ TILE = 512  # batch size: the pipeline's default for the device (4 on the CPU, 8
 
 def make_slide(out: Path, name: str, size_mm: float, mpp: float, tissue: float, seed: int = 9400) -> Path:
     s = SynthSettings(seed=seed, width_mm=size_mm, height_mm=size_mm, mpp=mpp, tissue_fraction=tissue, name=name)
-    path = out / f"{s.stem}.svs"
-    if not path.exists():
-        make_synthetic_slide(out, s)
-    return path
+    return cached_synthetic_slide(out, s)[0]
 
 
 def _tiles(path: Path, model, n: int) -> torch.Tensor:

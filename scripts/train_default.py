@@ -25,7 +25,7 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nervedet.synth import SynthSettings, make_synthetic_slide  # noqa: E402
+from nervedet.synth import SynthSettings, cached_synthetic_slide  # noqa: E402
 from nervedet.train.config import load_train_config  # noqa: E402
 from nervedet.train.data import SamplingWeights, SlideSpec  # noqa: E402
 from nervedet.train.run import synthetic_folder, train  # noqa: E402
@@ -85,9 +85,7 @@ def main() -> int:
     for seed in HELDOUT_SEEDS:
         settings = SynthSettings(seed=seed, width_mm=s.width_mm, height_mm=s.height_mm, mpp=s.mpp,
                                  stain_jitter=s.stain_jitter, tissue_fraction=s.tissue_fraction)
-        if not (folder / f"{settings.stem}.svs").exists():
-            make_synthetic_slide(folder, settings)
-        specs.append(SlideSpec(folder / f"{settings.stem}.svs", folder / f"{settings.stem}.geojson"))
+        specs.append(SlideSpec(*cached_synthetic_slide(folder, settings)))
     balanced = evaluate_tiles(model, specs, args.tiles, seed=7)
     uniform = evaluate_tiles(model, specs, args.tiles, seed=8,
                              weights=SamplingWeights(nerve=0.0, tumor=0.0, immune=0.0, tissue=1.0))

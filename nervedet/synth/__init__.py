@@ -90,11 +90,12 @@ def make_synthetic_slide(out_dir: str | Path, settings: SynthSettings = SynthSet
 
 
 def cached_synthetic_slide(out_dir: str | Path, settings: SynthSettings) -> tuple[Path, Path]:
-    """The slide and truth paths of ``settings`` in ``out_dir``, made only when the truth file is missing (the
+    """The slide and truth paths of ``settings`` in ``out_dir``, made only when either file is missing (the
     truth is written last, so a slide cut short by an interruption is made again)."""
     out = Path(out_dir)
     slide, truth = out / f"{settings.stem}.{settings.fmt}", out / f"{settings.stem}.geojson"
     if not (slide.exists() and truth.exists()):
+        log.info("making synthetic slide %s", slide)
         made = make_synthetic_slide(out, settings)
         slide, truth = made.slide_path, made.truth_path
     return slide, truth

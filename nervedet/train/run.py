@@ -54,7 +54,7 @@ def synthetic_folder(s: SyntheticData) -> Path:
 
 def synthetic_specs(cfg: TrainConfig) -> list[SlideSpec]:
     """Synthetic slides of the config, made once and cached (same settings, same files)."""
-    from nervedet.synth import SynthSettings, make_synthetic_slide
+    from nervedet.synth import SynthSettings, cached_synthetic_slide
 
     s = cfg.data.synthetic
     if s.count <= 0:
@@ -63,13 +63,9 @@ def synthetic_specs(cfg: TrainConfig) -> list[SlideSpec]:
     specs = []
     with file_lock(folder / ".lock"):  # processes started together (srun) make each slide once
         for seed in range(s.seed, s.seed + s.count):
-            slide, truth = folder / f"synth_{seed}.svs", folder / f"synth_{seed}.geojson"
-            if not (slide.exists() and truth.exists()):
-                log.info("making synthetic slide %s", slide)
-                make_synthetic_slide(folder, SynthSettings(seed=seed, width_mm=s.width_mm, height_mm=s.height_mm,
-                                                           mpp=s.mpp, stain_jitter=s.stain_jitter,
-                                                           tissue_fraction=s.tissue_fraction))
-            specs.append(SlideSpec(slide, truth))
+            specs.append(SlideSpec(*cached_synthetic_slide(folder, SynthSettings(
+                seed=seed, width_mm=s.width_mm, height_mm=s.height_mm, mpp=s.mpp, stain_jitter=s.stain_jitter,
+                tissue_fraction=s.tissue_fraction))))
     return specs
 
 
