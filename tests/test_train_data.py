@@ -13,7 +13,7 @@ import pytest
 import shapely
 import torch
 from scipy import ndimage
-from shapely.geometry import box, mapping
+from shapely.geometry import Point, box, mapping
 
 from nervedet.geojson import Feature, read_geojson, write_geojson
 from nervedet.model import ModelConfig
@@ -50,11 +50,16 @@ def annotated(synth):
 
 
 def _expected(truth, x, y, t, scale):
-    """Nerve and tumour masks from shapely contains at pixel centres (nerve wins)."""
+    """Nerve and tumour masks from shapely contains at pixel centres (nerve wins, except over tumour that lies
+    inside a nerve)."""
     cols, rows = np.meshgrid(np.arange(t) + x + 0.5, np.arange(t) + y + 0.5)
     X, Y = cols / scale, rows / scale  # level-0 px
-    nerve = shapely.contains_xy(shapely.union_all(truth["nerves"]), X, Y)
-    tumor = shapely.contains_xy(shapely.union_all(truth["tumors"]), X, Y) & ~nerve
+    nerves = shapely.union_all(truth["nerves"])
+    inner = [g for g in truth["tumors"] if g.intersection(nerves).area >= 0.5 * g.area]
+    outer = [g for g in truth["tumors"] if g.intersection(nerves).area < 0.5 * g.area]
+    nested = shapely.contains_xy(shapely.union_all(inner), X, Y) if inner else np.zeros(X.shape, bool)
+    nerve = shapely.contains_xy(nerves, X, Y) & ~nested
+    tumor = (shapely.contains_xy(shapely.union_all(outer), X, Y) & ~nerve & ~nested) | nested
     return nerve, tumor
 
 
@@ -159,7 +164,7 @@ def test_region_bounds_the_labelled_area(synth, truth, annotated, tmp_path, regi
         assert len(p.points) < len(full.points)
     # tissue tiles overlap the labelled area
     rng = np.random.default_rng(0)
-    for ox, oy in a.sample_origins(rng, 40, SamplingWeights(nerve=0, tumor=0, immune=0, tissue=1)):
+    for ox, oy in a.sample_origins(rng, 40, SamplingWeights(nerve=0, pni=0, tumor=0, immune=0, tissue=1)):
         assert np.any(a.mask_at(ox, oy) != IGNORE)
     a.close()
 
@@ -191,7 +196,7 @@ def test_qupath_style_input_gives_the_same_labels(synth, truth, annotated, tmp_p
 
 def test_sampling_favours_nerves_per_object(annotated):
     rng = np.random.default_rng(1)
-    only_nerve = SamplingWeights(nerve=1.0, tumor=0.0, immune=0.0, tissue=0.0)
+    only_nerve = SamplingWeights(nerve=1.0, pni=0.0, tumor=0.0, immune=0.0, tissue=0.0)
     t = CFG.tile_size
     origins = annotated.sample_origins(rng, 120, only_nerve)
     with_nerve = [np.any(annotated.mask_at(x, y) == NERVE) for x, y in origins]
@@ -207,8 +212,30 @@ def test_sampling_favours_nerves_per_object(annotated):
         counts[s.index] += 1
     expected = 600 / n_obj
     assert np.all(np.abs(counts - expected) < 0.35 * expected), counts  # area-weighting would fail this
-    tumour = annotated.sample_origins(rng, 40, SamplingWeights(nerve=0, tumor=1, immune=0, tissue=0))
+    tumour = annotated.sample_origins(rng, 40, SamplingWeights(nerve=0, pni=0, tumor=1, immune=0, tissue=0))
     assert np.mean([np.any(annotated.mask_at(x, y) == TUMOR) for x, y in tumour]) >= 0.95
+
+
+def test_tumour_inside_a_nerve_is_tumour_and_a_tumour_area_around_a_nerve_is_not(synth, tmp_path):
+    # level-0 px = analysis px here (slide at 0.5 µm/px)
+    nerve_a, nested = Point(300, 300).buffer(80), Point(310, 300).buffer(25)  # intraneural invasion
+    nerve_b, area = Point(800, 800).buffer(60), box(650, 650, 950, 950)  # a tumour area drawn around a nerve
+    far = Point(300, 900).buffer(50)  # a nerve with no tumour near it
+    feats = [Feature(g, "annotation", c) for g, c in
+             ((nerve_a, "Nerve"), (nested, "Tumor"), (nerve_b, "Nerve"), (area, "Tumor"), (far, "Nerve"))]
+    a = AnnotatedSlide(SlideSpec(synth.slide_path, write_geojson(tmp_path / "nested.geojson", feats)), CFG)
+    m = a.mask_at(172, 172)  # covers nerve A
+    assert m[310 - 172, 310 - 172] == TUMOR and m[300 - 172, 240 - 172] == NERVE  # nest centre; nerve beside it
+    assert a.mask_at(672, 672)[800 - 672, 800 - 672] == NERVE  # nerve B wins over the area around it
+    assert a.mask_at(672, 672)[10, 10] == TUMOR
+    assert a.annotation_counts == {"nerve": 3, "tumor": 2}
+    assert a.count("pni") == 2  # nerves A and B; the far nerve has no tumour near it
+    rng = np.random.default_rng(0)
+    only_pni = SamplingWeights(nerve=0, pni=1, tumor=0, immune=0, tissue=0)
+    for x, y in a.sample_origins(rng, 30, only_pni):
+        mk = a.mask_at(x, y)
+        assert np.any(mk == TUMOR) and np.any(mk == NERVE)
+        assert not box(x, y, x + CFG.tile_size, y + CFG.tile_size).intersects(far)
 
 
 def test_split_by_slide_and_fixed_validation(synth, annotated):

@@ -41,7 +41,9 @@ __all__ = [
 IGNORE = 255  # outside every labelled region: no loss at all
 NOT_NERVE = 254  # images known to hold no nerve: any class but Nerve
 MAX_POINTS = 512  # immune-cell points per patch returned for validation (padded with -1)
-CATEGORIES = ("nerve", "tumor", "immune", "tissue")
+CATEGORIES = ("nerve", "pni", "tumor", "immune", "tissue")
+NESTED = 0.5  # a tumour annotation with at least this share of its area inside a nerve is intraneural
+PNI_REACH_UM = 10.0  # tumour this close to a nerve makes a "pni" sampling object (DESIGN.md's close proximity)
 _POINT_TYPES = (0, 4)  # shapely Point, MultiPoint
 
 
@@ -58,11 +60,13 @@ class SlideSpec:
 
 @dataclass(frozen=True)
 class SamplingWeights:
-    """How often a tile is centred on a nerve, a tumour region, an immune cell or any tissue. Weights are
-    relative; a category without objects in the data passes its weight to ``tissue``."""
+    """How often a tile is centred on a nerve, on tumour at a nerve (``pni``: tumour inside a nerve or within
+    ``PNI_REACH_UM`` of it, one object per such nerve), a tumour region, an immune cell or any tissue. Weights
+    are relative; a category without objects in the data passes its weight to ``tissue``."""
 
-    nerve: float = 0.35
-    tumor: float = 0.2
+    nerve: float = 0.3
+    pni: float = 0.1
+    tumor: float = 0.15
     immune: float = 0.15
     tissue: float = 0.3
 
@@ -234,14 +238,26 @@ class AnnotatedSlide:
                         self.spec.labels, len(by_class[nerve_idx]))
             del by_class[nerve_idx]
         grid = {i: to_grid(g) for i, g in by_class.items()}
-        order = sorted(grid, key=lambda i: (i == nerve_idx, i))  # nerve is painted last: it wins
+        # Overlaps: the nerve is painted over every other class (a tumour area drawn around the nerves it
+        # holds), except tumour nested inside a nerve (intraneural invasion), painted over the nerve.
+        nerve_all = shapely.union_all(grid[nerve_idx]) if nerve_idx in grid else None
+        nested: list[Any] = []
+        if nerve_all is not None and tumor_idx in grid:
+            outer = []
+            for g in grid[tumor_idx]:
+                inside = g.intersection(nerve_all).area >= NESTED * g.area if g.area > 0 else False
+                (nested if inside else outer).append(g)
+            grid[tumor_idx] = outer
+        order = sorted(grid, key=lambda i: (i == nerve_idx, i))
         self._layers = [(i, _Layer(grid[i])) for i in order]
+        if nested:
+            self._layers.append((tumor_idx, _Layer(nested)))
 
-        def objects(idx: int | None, hidden: Any = None) -> tuple[list[Any], int]:
-            """The labelled parts of each annotation of a class (minus `hidden`, painted over), and the
-            number of annotations in the labelled area."""
+        def objects(geoms: list[Any], hidden: Any = None) -> tuple[list[Any], int]:
+            """The labelled parts of each annotation (minus `hidden`, painted over), and the number of
+            annotations in the labelled area."""
             out, n = [], 0
-            for g in grid.get(idx, []) if idx is not None else []:
+            for g in geoms:
                 clipped = g.intersection(area)
                 if not (_polygonal(clipped) and clipped.area > 0):
                     continue
@@ -252,11 +268,13 @@ class AnnotatedSlide:
                     out.append(visible)
             return out, n
 
-        nerves, n_nerves = objects(nerve_idx)
+        nerves, n_nerves = objects(grid.get(nerve_idx, []))
         nerve_union = shapely.union_all(nerves) if nerves else None
-        tumors, n_tumors = objects(tumor_idx, nerve_union)  # intraneural tumour is labelled Nerve
-        self.objects = {"nerve": nerves, "tumor": tumors}  # what sampling picks from
-        self.annotation_counts = {"nerve": n_nerves, "tumor": n_tumors}
+        nested_parts, n_nested = objects(nested)
+        tumors, n_tumors = objects(grid.get(tumor_idx, []), nerve_union)
+        tumors += nested_parts
+        self.objects = {"nerve": nerves, "pni": self._pni_objects(nerves, tumors), "tumor": tumors}
+        self.annotation_counts = {"nerve": n_nerves, "tumor": n_tumors + n_nested}
         pts = np.concatenate(points).astype(np.float64) * self.scale if points else np.zeros((0, 2))
         self.immune_labelled = bool(len(pts)) and not negative
         if negative:
@@ -264,6 +282,24 @@ class AnnotatedSlide:
         elif len(pts):
             pts = pts[shapely.contains_xy(area, pts[:, 0], pts[:, 1])]
         self.points = pts  # immune cells inside the labelled area, analysis px
+
+    def _pni_objects(self, nerves: list[Any], tumors: list[Any]) -> list[Any]:
+        """Per nerve with tumour inside it or within PNI_REACH_UM: that tumour (clipped to twice the reach
+        around the nerve), what the ``pni`` sampling category centres tiles on."""
+        if not nerves or not tumors:
+            return []
+        reach = PNI_REACH_UM / self.config.analysis_mpp
+        tree = shapely.STRtree(tumors)
+        out = []
+        for n in nerves:
+            near = [tumors[i] for i in tree.query(n, predicate="dwithin", distance=reach)]
+            if not near:
+                continue
+            part = shapely.union_all(near).intersection(n.buffer(2 * reach))
+            if _polygonal(part) and part.area >= 1.0:
+                shapely.prepare(part)
+                out.append(part)
+        return out
 
     @property
     def labelled_area_mm2(self) -> float:
