@@ -41,7 +41,8 @@ __all__ = [
 IGNORE = 255  # outside every labelled region: no loss at all
 NOT_NERVE = 254  # images known to hold no nerve: any class but Nerve
 MAX_POINTS = 512  # immune-cell points per patch returned for validation (padded with -1)
-CATEGORIES = ("nerve", "pni", "tumor", "immune", "tissue")
+CATEGORIES = ("nerve", "nerve_area", "pni", "tumor", "immune", "tissue")
+_BY_AREA = {"nerve_area": "nerve"}  # categories that pick the objects of another in proportion to their area
 NESTED = 0.5  # a tumour annotation with at least this share of its area inside a nerve is intraneural
 PNI_REACH_UM = 10.0  # tumour this close to a nerve makes a "pni" sampling object (DESIGN.md's close proximity)
 _POINT_TYPES = (0, 4)  # shapely Point, MultiPoint
@@ -60,14 +61,17 @@ class SlideSpec:
 
 @dataclass(frozen=True)
 class SamplingWeights:
-    """How often a tile is centred on a nerve, on tumour at a nerve (``pni``: tumour inside a nerve or within
-    ``PNI_REACH_UM`` of it, one object per such nerve), a tumour region, an immune cell or any tissue. Weights
-    are relative; a category without objects in the data passes its weight to ``tissue``."""
+    """How often a tile is centred on a nerve (every nerve equally likely), on nerve area (``nerve_area``: a nerve
+    picked in proportion to its area, so a large multi-fascicle nerve that one tile cannot hold is seen from
+    several places), on tumour at a nerve (``pni``: tumour inside a nerve or within ``PNI_REACH_UM`` of it, one
+    object per such nerve), a tumour region, an immune cell or any tissue. Weights are relative; a category
+    without objects in the data passes its weight to ``tissue``."""
 
-    nerve: float = 0.3
+    nerve: float = 0.25
+    nerve_area: float = 0.1
     pni: float = 0.1
     tumor: float = 0.15
-    immune: float = 0.15
+    immune: float = 0.1
     tissue: float = 0.3
 
     def probabilities(self, available: dict[str, bool]) -> np.ndarray:
@@ -363,7 +367,7 @@ class AnnotatedSlide:
             return len(self.points)
         if category == "tissue":
             return 1
-        return len(self.objects[category])
+        return len(self.objects[_BY_AREA.get(category, category)])
 
     def _tissue_cells(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Rows, columns and size (analysis px) of the coarse cells that hold labelled tissue."""
@@ -394,7 +398,7 @@ class AnnotatedSlide:
             x, y = self.points[index]
             return float(x), float(y)
         if category != "tissue":
-            return _random_point_in(self.objects[category][index], rng)
+            return _random_point_in(self.objects[_BY_AREA.get(category, category)][index], rng)
         rows, cols, f = self._tissue_cells()
         if not len(rows):
             return _random_point_in(self.area, rng)
@@ -436,7 +440,11 @@ def sample_tile(slides: Sequence[AnnotatedSlide], rng: np.random.Generator,
         k, index = int(rng.integers(len(slides))), -1
     else:
         cum = np.cumsum(counts[category])
-        flat = int(rng.integers(cum[-1]))
+        if category in _BY_AREA:
+            areas = np.array([g.area for s in slides for g in s.objects[_BY_AREA[category]]], np.float64)
+            flat = int(rng.choice(len(areas), p=areas / areas.sum()))
+        else:
+            flat = int(rng.integers(cum[-1]))
         k = int(np.searchsorted(cum, flat, side="right"))
         index = flat - int(cum[k] - counts[category][k])
     px, py = slides[k].point_in(category, index, rng)
