@@ -20,6 +20,7 @@ from shapely.geometry.base import BaseGeometry
 
 from nervedet.geometry import from_level0, mask_to_polygons, max_feret, min_feret, to_level0
 from nervedet.infer import InferenceOutput
+from nervedet.matching import rasterize
 from nervedet.pni import PniSettings, fill_holes, grade_nerve
 from nervedet.results import NerveRecord
 from nervedet.tissue import TissueMask
@@ -85,21 +86,25 @@ BAND_ROWS = 2048  # class masks are made this many canvas rows at a time (memory
 
 
 def class_masks(out: InferenceOutput, smooth_px: int) -> dict[str, np.ndarray]:
-    """Each non-background class where it has the highest probability (background = 1 - the others),
-    opened and closed with a disk of ``smooth_px``; computed in bands of rows."""
+    """Each non-background class where it has the highest probability (background = 1 - the others; on a tie
+    the earlier channel wins, and background wins over any), opened and closed with a disk of ``smooth_px``;
+    computed in bands of rows, by channel-wise comparisons (an argmax over the channel axis of the whole
+    band took three times as long)."""
     probs = out.probs
-    _, h, w = probs.shape
+    n, h, w = probs.shape
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * smooth_px + 1,) * 2) if smooth_px > 0 else None
     margin = 2 * smooth_px + 1  # open then close: each reaches smooth_px rows beyond the band
     masks = {name: np.zeros((h, w), bool) for name in out.class_names}
     for y0 in range(0, h, BAND_ROWS):
         a, b = max(0, y0 - margin), min(h, y0 + BAND_ROWS + margin)
-        p = probs[:, a:b].astype(np.int16)
-        best = p.argmax(0)
-        top = np.take_along_axis(p, best[None], 0)[0]
-        wins = top > 255 - p.sum(0)  # above background
+        p = probs[:, a:b]
+        background = 255 - p.sum(0, dtype=np.int16)
         for k, name in enumerate(out.class_names):
-            m = ((best == k) & wins).astype(np.uint8)
+            wins = p[k] > background
+            for j in range(n):
+                if j != k:
+                    wins &= p[k] > p[j] if j < k else p[k] >= p[j]
+            m = wins.view(np.uint8)
             if kernel is not None:
                 m = cv2.morphologyEx(cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel), cv2.MORPH_CLOSE, kernel)
             masks[name][y0:min(h, y0 + BAND_ROWS)] = m[y0 - a:y0 - a + min(BAND_ROWS, h - y0)].astype(bool)
@@ -107,16 +112,13 @@ def class_masks(out: InferenceOutput, smooth_px: int) -> dict[str, np.ndarray]:
 
 
 def _mean_prob(prob: np.ndarray, poly: Polygon) -> float:
-    """Mean probability (0..1) of the canvas pixels inside the polygon."""
-    x0, y0, x1, y1 = (int(v) for v in (math.floor(poly.bounds[0]), math.floor(poly.bounds[1]),
-                                       math.ceil(poly.bounds[2]), math.ceil(poly.bounds[3])))
-    x0, y0 = max(x0, 0), max(y0, 0)
-    sub = prob[y0:y1, x0:x1]
-    if sub.size == 0:
+    """Mean probability (0..1) of the canvas pixels whose centres lie inside the polygon."""
+    x0, y0 = max(math.floor(poly.bounds[0]), 0), max(math.floor(poly.bounds[1]), 0)
+    x1, y1 = min(math.ceil(poly.bounds[2]), prob.shape[1]), min(math.ceil(poly.bounds[3]), prob.shape[0])
+    if x1 <= x0 or y1 <= y0:
         return 0.0
-    yy, xx = np.mgrid[y0:y0 + sub.shape[0], x0:x0 + sub.shape[1]]
-    inside = shapely.contains_xy(poly, xx + 0.5, yy + 0.5)
-    return float(sub[inside].mean()) / 255.0 if inside.any() else 0.0
+    inside = rasterize(np.array([poly]), 1.0, x0, y0, x1 - x0, y1 - y0)
+    return float(prob[y0:y1, x0:x1][inside].mean()) / 255.0 if inside.any() else 0.0
 
 
 def _count_in(zone: BaseGeometry | None, xy: np.ndarray) -> int:

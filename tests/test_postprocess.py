@@ -146,6 +146,26 @@ def test_class_masks_made_in_bands_equal_the_whole_canvas_at_once(monkeypatch) -
         assert whole[name].any() and np.array_equal(whole[name], banded[name])
 
 
+def test_class_masks_give_each_pixel_to_its_most_probable_class_ties_to_the_earlier_and_to_background() -> None:
+    import nervedet.postprocess as pp
+
+    rng = np.random.default_rng(3)
+    tumor = rng.integers(0, 256, (120, 90)).astype(np.uint8)
+    nerve = np.minimum(rng.integers(0, 256, (120, 90)), 255 - tumor).astype(np.uint8)
+    nerve[::4] = np.minimum(tumor[::4], 127)  # ties between the classes
+    tumor[::4] = nerve[::4]
+    tumor[1::5], nerve[1::5] = 85, 85  # ties with background (255 - 170 = 85)
+    grid = CanvasGrid(ORIGIN, SCALE, 90, 120, 256, 32, 1, 1, ((0, 0),))
+    out = InferenceOutput(grid, ("Tumor", "Nerve"), np.stack([tumor, nerve]), np.zeros((0, 2)), np.zeros(0), 0.5,
+                          "fp32", 1.0)
+    t, n = tumor.astype(int), nerve.astype(int)
+    background = 255 - t - n
+    masks = pp.class_masks(out, 0)
+    assert np.array_equal(masks["Tumor"], (t >= n) & (t > background))
+    assert np.array_equal(masks["Nerve"], (n > t) & (n > background))
+    assert masks["Tumor"][::4].any() and not masks["Nerve"][1::5].any()
+
+
 def test_nerve_candidates_of_low_mean_probability_are_dropped_as_detections_below_the_score() -> None:
     tumor = np.zeros((300, 300), np.uint8)
     nerve = np.zeros((300, 300), np.uint8)
