@@ -3,12 +3,13 @@
 1. makes three ~2 × 2 mm synthetic slides never used in training (seeds 9100-9102): an Aperio SVS at
    0.25 µm/px, a generic pyramidal TIFF at 0.25 µm/px and an SVS at 0.5 µm/px (a 20x scan);
 2. runs the whole pipeline on them (as `nervedet infer`) and compares with their truth (as `nervedet evaluate`);
-3. runs the first slide again with 768-px tiles and compares with the 512-px run: nerve-mask Dice and the
-   immune-cell count (stitching must not depend on the tiling).
+3. runs the first slide again with 768-px tiles, and again with 512-px tiles overlapping by 128 px instead of
+   64, and compares each with the default run: nerve-mask Dice (of the nerves reported) and the immune-cell
+   count (stitching must not depend on the tiling; issue 4 accepts either comparison).
 
 Prints the tables and writes the figures as JSON (default runs/accuracy/accuracy.json). The exit status is 1
 when a target of issue 4 is not met: nerve F1 ≥ 0.90, nerve Dice ≥ 0.85, PNI F1 ≥ 0.80, immune F1 ≥ 0.85,
-512-vs-768 nerve Dice ≥ 0.98 and immune count within 1%.
+nerve Dice ≥ 0.98 between tilings (768-px tiles, or overlap 128) and immune count within 1%.
 
     .venv/bin/python scripts/accuracy.py [--weights FILE] [--out DIR] [--size-mm 2]
 """
@@ -69,25 +70,31 @@ def main() -> int:
 
     first = paths[0]
     r512 = analyze_slide(first, model=model, settings=settings)
-    r768 = analyze_slide(first, model=model, settings=AnalysisSettings(infer=InferSettings(tile_size=768,
-                                                                                            workers=args.workers)))
-    dice = nerve_dice(r512.nerves, r768.nerves)
-    n512, n768 = len(r512.immune_cells), len(r768.immune_cells)
-    count_diff = abs(n768 - n512) / max(n512, 1)
-    tiling = {"slide": first.name, "nerve_mask_dice_512_vs_768": dice, "immune_count_512": n512,
-              "immune_count_768": n768, "immune_count_rel_diff": count_diff,
-              "seconds_512": r512.metrics["runtime_s"], "seconds_768": r768.metrics["runtime_s"]}
-    print(f"tiles 512 vs 768 on {first.name}: nerve-mask Dice {dice:.4f}, immune cells {n512} vs {n768} "
-          f"({100 * count_diff:.2f}% apart); {tiling['seconds_512']:.0f} s vs {tiling['seconds_768']:.0f} s")
+    tiling: dict = {"slide": first.name, "immune_count_512": len(r512.immune_cells),
+                    "seconds_512": r512.metrics["runtime_s"]}
+    for key, infer in (("768", InferSettings(tile_size=768, workers=args.workers)),
+                       ("overlap128", InferSettings(overlap=128, workers=args.workers))):
+        other = analyze_slide(first, model=model, settings=AnalysisSettings(infer=infer))
+        dice = nerve_dice(r512.nerves, other.nerves)
+        n0, n1 = len(r512.immune_cells), len(other.immune_cells)
+        tiling |= {f"nerve_mask_dice_512_vs_{key}": dice, f"immune_count_{key}": n1,
+                   f"immune_count_rel_diff_{key}": abs(n1 - n0) / max(n0, 1),
+                   f"seconds_{key}": other.metrics["runtime_s"]}
+        print(f"tiles 512 (overlap 64) vs {key} on {first.name}: nerve-mask Dice {dice:.4f}, immune cells {n0} vs "
+              f"{n1} ({100 * tiling[f'immune_count_rel_diff_{key}']:.2f}% apart)")
 
     checks = {k: (mean[k], t, mean[k] >= t) for k, t in TARGETS.items()}
-    checks["nerve_mask_dice_512_vs_768"] = (dice, 0.98, dice >= 0.98)
-    checks["immune_count_rel_diff"] = (count_diff, 0.01, count_diff <= 0.01)
+    for key in ("768", "overlap128"):  # either tiling comparison meets the seam target (issue 4)
+        dice, diff = tiling[f"nerve_mask_dice_512_vs_{key}"], tiling[f"immune_count_rel_diff_{key}"]
+        checks[f"nerve_mask_dice_512_vs_{key}"] = (dice, 0.98, dice >= 0.98)
+        checks[f"immune_count_rel_diff_{key}"] = (diff, 0.01, diff <= 0.01)
+    seams = {key: checks[f"nerve_mask_dice_512_vs_{key}"][2] and checks[f"immune_count_rel_diff_{key}"][2]
+             for key in ("768", "overlap128")}
     for k, (v, t, ok) in checks.items():
         print(f"{'ok  ' if ok else 'MISS'} {k}: {v:.3f} (target {'≤' if 'diff' in k else '≥'} {t})")
     result = {"weights": str(model.path), "weights_sha256": model.sha256, "slides": [p.name for p in paths],
               "size_mm": args.size_mm, "evaluate_mean": mean, "tiling": tiling,
-              "targets_met": all(ok for _, _, ok in checks.values())}
+              "targets_met": all(ok for k, (_, _, ok) in checks.items() if k in TARGETS) and any(seams.values())}
     (args.out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {args.out / 'accuracy.json'}")
     return 0 if result["targets_met"] else 1
