@@ -262,6 +262,31 @@ def _autocast(device: torch.device, precision: str):
 
 
 _COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+_INFERENCE: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
+def inference_network(model: Model) -> torch.nn.Module:
+    """The network as inference runs it, made once per network and process: in eval mode, each BatchNorm
+    folded into the convolution before it (torch.fx; the same function to float rounding, one pass over the
+    activations fewer per layer: BatchNorm was 10% of the U-Net's CPU time), in channels_last. A network fx
+    cannot trace runs as it is."""
+    net = model.network
+    if net not in _INFERENCE:
+        net.eval()
+        try:
+            fast = fuse_batchnorm(net)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure only means "not folded"
+            log.debug("BatchNorm not folded (%s): running the network as it is", one_line(exc))
+            fast = net
+        _INFERENCE[net] = fast.eval().to(memory_format=torch.channels_last)
+    return _INFERENCE[net]
+
+
+def fuse_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of an eval-mode network with every BatchNorm that follows a convolution folded into it."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(net, inplace=False)
 
 
 def compiled(net: torch.nn.Module) -> torch.nn.Module:
@@ -291,8 +316,9 @@ def choose_precision(model: Model, x: torch.Tensor, setting: str) -> str:
     key = (model.sha256, device.type)
     if key not in _PRECISION_CACHE:
         c, x = model.config.num_classes, x[:2]  # two tiles tell; float32 is the slow part
-        ref = _run(model.network, x, device, "fp32")[:, :c].argmax(1)
-        low = _run(model.network, x, device, "bf16")[:, :c].argmax(1)
+        net = inference_network(model)
+        ref = _run(net, x, device, "fp32")[:, :c].argmax(1)
+        low = _run(net, x, device, "bf16")[:, :c].argmax(1)
         agree = float((ref == low).float().mean())
         _PRECISION_CACHE[key] = "bf16" if agree >= AGREEMENT else "fp32"
         log.info("bf16 agrees with fp32 on %.2f%% of pixels: running in %s", 100 * agree, _PRECISION_CACHE[key])
@@ -322,7 +348,7 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     keep = [cfg.class_index(n) for n in cfg.class_names if n != cfg.class_names[0]]  # all but background
     names = tuple(cfg.class_names[k] for k in keep)
     stitcher = Stitcher(grid.width, grid.height, len(keep), grid.tile_size, grid.overlap, workdir)
-    net = model.network.eval().to(memory_format=torch.channels_last)
+    net = inference_network(model)
     if settings.compile:
         net = compiled(net)
     workers = settings.workers if settings.workers is not None else auto_workers(slide, cfg.analysis_mpp, device)

@@ -49,6 +49,7 @@ from nervedet.infer import (  # noqa: E402
     canvas_grid,
     choose_precision,
     default_batch_size,
+    inference_network,
     run_inference,
 )
 from nervedet.model import normalize  # noqa: E402
@@ -77,7 +78,7 @@ def _tiles(path: Path, model, n: int) -> torch.Tensor:
 def model_ceiling(model, path: Path, seconds: float) -> tuple[float, str]:
     """Megapixels per second of the network alone on preloaded tiles, and the precision it ran in."""
     cfg, device = model.config, model.device
-    net = model.network.eval().to(memory_format=torch.channels_last)
+    net = inference_network(model)  # the network exactly as the pipeline runs it
     batch = default_batch_size(device)
     x = normalize(_tiles(path, model, batch).to(device), cfg).contiguous(memory_format=torch.channels_last)
     precision = choose_precision(model, x, "auto")

@@ -179,3 +179,22 @@ def test_a_compiled_network_stitches_the_same_canvas_and_cells(image, monkeypatc
     assert backends == ["aot_eager"]
     assert np.array_equal(plain.probs, fast.probs)
     assert len(fast.immune_xy) == len(cells) and np.allclose(plain.immune_xy, fast.immune_xy)
+
+
+def test_the_inference_network_folds_batchnorm_into_the_convolutions_and_computes_the_same() -> None:
+    import torch
+
+    from nervedet.infer import inference_network
+    from nervedet.weights import load_model
+
+    model = load_model(None, device="cpu")
+    net = inference_network(model)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.network.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert inference_network(model) is net  # made once
+    x = torch.rand(2, 3, 128, 128)
+    with torch.inference_mode():
+        plain = model.network.eval()(x)
+        folded = net(x.contiguous(memory_format=torch.channels_last))
+    assert plain.abs().max() > 1.0
+    torch.testing.assert_close(folded, plain, atol=1e-3, rtol=1e-4)
