@@ -205,21 +205,20 @@ def test_sampling_favours_nerves_per_object(annotated):
     n_obj = annotated.count("nerve")
     areas = np.array([g.area for g in annotated.objects["nerve"]])
     assert areas.max() > 3 * areas.min()  # the test needs small and large nerves
-    counts = np.zeros(n_obj)
-    for _ in range(600):
-        s = annotated.sample(rng, only_nerve)
-        assert s.category == "nerve"
-        assert annotated.objects["nerve"][s.index].intersects(box(s.x, s.y, s.x + t, s.y + t))
-        counts[s.index] += 1
+    def tally(weights: SamplingWeights, category: str, n: int) -> np.ndarray:
+        counts = np.zeros(n_obj)
+        for _ in range(n):
+            s = annotated.sample(rng, weights)
+            assert s.category == category
+            assert annotated.objects["nerve"][s.index].intersects(box(s.x, s.y, s.x + t, s.y + t))
+            counts[s.index] += 1
+        return counts
+
+    counts = tally(only_nerve, "nerve", 600)
     expected = 600 / n_obj
     assert np.all(np.abs(counts - expected) < 0.35 * expected), counts  # area-weighting would fail this
     by_area = SamplingWeights(nerve=0, nerve_area=1, pni=0, tumor=0, immune=0, tissue=0)
-    counts = np.zeros(n_obj)
-    for _ in range(1200):
-        s = annotated.sample(rng, by_area)
-        assert s.category == "nerve_area"
-        assert annotated.objects["nerve"][s.index].intersects(box(s.x, s.y, s.x + t, s.y + t))
-        counts[s.index] += 1
+    counts = tally(by_area, "nerve_area", 1200)
     expected = 1200 * areas / areas.sum()
     assert np.all(np.abs(counts - expected) < 0.25 * expected + 3 * np.sqrt(expected)), (counts, expected)
     only_tumour = SamplingWeights(nerve=0, nerve_area=0, pni=0, tumor=1, immune=0, tissue=0)
