@@ -262,24 +262,27 @@ def _autocast(device: torch.device, precision: str):
 
 
 _COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
-_INFERENCE: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+_INFERENCE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, ...], torch.nn.Module]] = (
+    weakref.WeakKeyDictionary())
 
 
 def inference_network(model: Model) -> torch.nn.Module:
-    """The network as inference runs it, made once per network and process: in eval mode, each BatchNorm
-    folded into the convolution before it (torch.fx; the same function to float rounding, one pass over the
-    activations fewer per layer: BatchNorm was 10% of the U-Net's CPU time), in channels_last. A network fx
-    cannot trace runs as it is."""
+    """The network as inference runs it: in eval mode, each BatchNorm folded into the convolution before it
+    (torch.fx; the same function to float rounding, one pass over the activations fewer per layer: BatchNorm
+    was 10% of the U-Net's CPU time), in channels_last. Made once per network and process, and again when its
+    weights have changed since (tensor versions). A network fx cannot trace runs as it is."""
     net = model.network
-    if net not in _INFERENCE:
+    versions = tuple(t._version for t in (*net.parameters(), *net.buffers()))
+    made = _INFERENCE.get(net)
+    if made is None or made[0] != versions:
         net.eval()
         try:
             fast = fuse_batchnorm(net)
         except Exception as exc:  # noqa: BLE001 - any tracing failure only means "not folded"
             log.debug("BatchNorm not folded (%s): running the network as it is", one_line(exc))
             fast = net
-        _INFERENCE[net] = fast.eval().to(memory_format=torch.channels_last)
-    return _INFERENCE[net]
+        made = _INFERENCE[net] = (versions, fast.eval().to(memory_format=torch.channels_last))
+    return made[1]
 
 
 def fuse_batchnorm(net: torch.nn.Module) -> torch.nn.Module:

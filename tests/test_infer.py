@@ -198,3 +198,10 @@ def test_the_inference_network_folds_batchnorm_into_the_convolutions_and_compute
         folded = net(x.contiguous(memory_format=torch.channels_last))
     assert plain.abs().max() > 1.0
     torch.testing.assert_close(folded, plain, atol=1e-3, rtol=1e-4)
+    with torch.no_grad():  # weights changed in place (say, fine-tuned in this process): folded again
+        next(model.network.parameters()).mul_(0.5)
+    refolded = inference_network(model)
+    assert refolded is not net
+    with torch.inference_mode():
+        torch.testing.assert_close(refolded(x.contiguous(memory_format=torch.channels_last)), model.network(x),
+                                   atol=1e-3, rtol=1e-4)
