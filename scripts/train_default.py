@@ -87,8 +87,7 @@ def main() -> int:
                                  stain_jitter=s.stain_jitter, tissue_fraction=s.tissue_fraction)
         specs.append(SlideSpec(*cached_synthetic_slide(folder, settings)))
     balanced = evaluate_tiles(model, specs, args.tiles, seed=7)
-    tissue_only = SamplingWeights(nerve=0.0, nerve_area=0.0, pni=0.0, tumor=0.0, immune=0.0, tissue=1.0)
-    uniform = evaluate_tiles(model, specs, args.tiles, seed=8, weights=tissue_only)
+    uniform = evaluate_tiles(model, specs, args.tiles, seed=8, weights=SamplingWeights.only("tissue"))
     report = {
         "weights": str(cfg.weights_path), "sha256": model.sha256,
         "heldout_seeds": list(HELDOUT_SEEDS), "slide_mm": [s.width_mm, s.height_mm], "slide_mpp": s.mpp,

@@ -164,7 +164,7 @@ def test_region_bounds_the_labelled_area(synth, truth, annotated, tmp_path, regi
         assert len(p.points) < len(full.points)
     # tissue tiles overlap the labelled area
     rng = np.random.default_rng(0)
-    tissue_only = SamplingWeights(nerve=0, nerve_area=0, pni=0, tumor=0, immune=0, tissue=1)
+    tissue_only = SamplingWeights.only("tissue")
     for ox, oy in a.sample_origins(rng, 40, tissue_only):
         assert np.any(a.mask_at(ox, oy) != IGNORE)
     a.close()
@@ -197,7 +197,7 @@ def test_qupath_style_input_gives_the_same_labels(synth, truth, annotated, tmp_p
 
 def test_sampling_favours_nerves_per_object(annotated):
     rng = np.random.default_rng(1)
-    only_nerve = SamplingWeights(nerve=1.0, nerve_area=0, pni=0.0, tumor=0.0, immune=0.0, tissue=0.0)
+    only_nerve = SamplingWeights.only("nerve")
     t = CFG.tile_size
     origins = annotated.sample_origins(rng, 120, only_nerve)
     with_nerve = [np.any(annotated.mask_at(x, y) == NERVE) for x, y in origins]
@@ -217,11 +217,13 @@ def test_sampling_favours_nerves_per_object(annotated):
     counts = tally(only_nerve, "nerve", 600)
     expected = 600 / n_obj
     assert np.all(np.abs(counts - expected) < 0.35 * expected), counts  # area-weighting would fail this
-    by_area = SamplingWeights(nerve=0, nerve_area=1, pni=0, tumor=0, immune=0, tissue=0)
+    with pytest.raises(ValueError, match="stroma"):
+        SamplingWeights.only("stroma")
+    by_area = SamplingWeights.only("nerve_area")
     counts = tally(by_area, "nerve_area", 1200)
     expected = 1200 * areas / areas.sum()
     assert np.all(np.abs(counts - expected) < 0.25 * expected + 3 * np.sqrt(expected)), (counts, expected)
-    only_tumour = SamplingWeights(nerve=0, nerve_area=0, pni=0, tumor=1, immune=0, tissue=0)
+    only_tumour = SamplingWeights.only("tumor")
     tumour = annotated.sample_origins(rng, 40, only_tumour)
     assert np.mean([np.any(annotated.mask_at(x, y) == TUMOR) for x, y in tumour]) >= 0.95
 
@@ -241,7 +243,7 @@ def test_tumour_inside_a_nerve_is_tumour_and_a_tumour_area_around_a_nerve_is_not
     assert a.annotation_counts == {"nerve": 3, "tumor": 2}
     assert a.count("pni") == 2  # nerves A and B; the far nerve has no tumour near it
     rng = np.random.default_rng(0)
-    only_pni = SamplingWeights(nerve=0, nerve_area=0, pni=1, tumor=0, immune=0, tissue=0)
+    only_pni = SamplingWeights.only("pni")
     for x, y in a.sample_origins(rng, 30, only_pni):
         mk = a.mask_at(x, y)
         assert np.any(mk == TUMOR) and np.any(mk == NERVE)

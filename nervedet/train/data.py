@@ -74,6 +74,13 @@ class SamplingWeights:
     immune: float = 0.1
     tissue: float = 0.3
 
+    @classmethod
+    def only(cls, category: str) -> SamplingWeights:
+        """Every tile centred on one category."""
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown sampling category {category!r}; the categories are {', '.join(CATEGORIES)}")
+        return cls(**{c: float(c == category) for c in CATEGORIES})
+
     def probabilities(self, available: dict[str, bool]) -> np.ndarray:
         w = np.array([max(0.0, float(getattr(self, c))) for c in CATEGORIES])
         for i, c in enumerate(CATEGORIES[:-1]):
@@ -367,7 +374,11 @@ class AnnotatedSlide:
             return len(self.points)
         if category == "tissue":
             return 1
-        return len(self.objects[_BY_AREA.get(category, category)])
+        return len(self.objects_of(category))
+
+    def objects_of(self, category: str) -> list[Any]:
+        """The objects a category picks from (``nerve_area`` picks the nerves, by area)."""
+        return self.objects[_BY_AREA.get(category, category)]
 
     def _tissue_cells(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Rows, columns and size (analysis px) of the coarse cells that hold labelled tissue."""
@@ -398,7 +409,7 @@ class AnnotatedSlide:
             x, y = self.points[index]
             return float(x), float(y)
         if category != "tissue":
-            return _random_point_in(self.objects[_BY_AREA.get(category, category)][index], rng)
+            return _random_point_in(self.objects_of(category)[index], rng)
         rows, cols, f = self._tissue_cells()
         if not len(rows):
             return _random_point_in(self.area, rng)
@@ -441,7 +452,7 @@ def sample_tile(slides: Sequence[AnnotatedSlide], rng: np.random.Generator,
     else:
         cum = np.cumsum(counts[category])
         if category in _BY_AREA:
-            areas = np.array([g.area for s in slides for g in s.objects[_BY_AREA[category]]], np.float64)
+            areas = np.array([g.area for s in slides for g in s.objects_of(category)], np.float64)
             flat = int(rng.choice(len(areas), p=areas / areas.sum()))
         else:
             flat = int(rng.integers(cum[-1]))
