@@ -76,6 +76,26 @@ def test_labels_outside_the_region_change_nothing() -> None:
     assert torch.count_nonzero(logits.grad[:, :, 16:, :]) == 0
 
 
+def test_a_missed_small_nerve_costs_as_much_dice_as_a_missed_large_one() -> None:
+    """Dice is taken per patch: a small nerve missed in one patch is not drowned by a large nerve found in
+    another patch of the batch."""
+    mask = torch.zeros(2, 64, 64, dtype=torch.long)
+    mask[0, 4:60, 4:60] = 2  # a large nerve, found
+    mask[1, 30:34, 30:34] = 2  # a small nerve, missed
+    logits = torch.full((2, 3, 64, 64), -10.0)
+    logits[:, 0] = 10.0
+    logits[0, 2, 4:60, 4:60], logits[0, 0, 4:60, 4:60] = 10.0, -10.0
+    both_found = logits.clone()
+    both_found[1, 2, 30:34, 30:34], both_found[1, 0, 30:34, 30:34] = 10.0, -10.0
+    small_missed = class_loss(logits, mask, 2) - class_loss(both_found, mask, 2)
+    large_missed_logits = both_found.clone()
+    large_missed_logits[0, 2], large_missed_logits[0, 0] = -10.0, 10.0
+    large_missed = class_loss(large_missed_logits, mask, 2) - class_loss(both_found, mask, 2)
+    # the Dice terms of the two misses are alike (only their cross-entropy differs by the pixels missed)
+    assert small_missed > 0.25
+    assert large_missed > small_missed
+
+
 def test_not_nerve_pixels_only_penalise_the_nerve_class() -> None:
     logits = torch.zeros(1, 3, 8, 8)
     neg = torch.full((1, 8, 8), NOT_NERVE, dtype=torch.long)

@@ -13,7 +13,8 @@ from nervedet.train.data import IGNORE, NOT_NERVE  # the label values live with 
 
 
 def class_loss(logits: torch.Tensor, mask: torch.Tensor, nerve_index: int) -> torch.Tensor:
-    """Cross-entropy + soft Dice over labelled pixels, plus -log(1 - p_nerve) on NOT_NERVE pixels."""
+    """Cross-entropy + soft Dice over labelled pixels (Dice per patch and class), plus -log(1 - p_nerve) on
+    NOT_NERVE pixels."""
     n_cls = logits.shape[1]
     labelled = mask < n_cls
     target = torch.where(labelled, mask, torch.full_like(mask, IGNORE))
@@ -25,9 +26,11 @@ def class_loss(logits: torch.Tensor, mask: torch.Tensor, nerve_index: int) -> to
     if labelled.any():
         onehot = F.one_hot(torch.where(labelled, mask, 0), n_cls).permute(0, 3, 1, 2).float()
         w = labelled.unsqueeze(1).float()
-        inter = (prob * onehot * w).sum(dim=(0, 2, 3))
-        denom = (prob * w).sum(dim=(0, 2, 3)) + (onehot * w).sum(dim=(0, 2, 3))
-        present = (onehot * w).sum(dim=(0, 2, 3)) > 0
+        # per patch and class (N, C), averaged over the pairs present: a patch centred on a small nerve
+        # weighs as much as one full of a large nerve, so small nerves are not drowned in the batch's pixels
+        inter = (prob * onehot * w).sum(dim=(2, 3))
+        denom = (prob * w).sum(dim=(2, 3)) + (onehot * w).sum(dim=(2, 3))
+        present = (onehot * w).sum(dim=(2, 3)) > 0
         dice_c = (2 * inter + 1.0) / (denom + 1.0)
         dice = 1.0 - dice_c[present].mean()
     neg = mask == NOT_NERVE
