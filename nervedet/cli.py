@@ -125,14 +125,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="pixel size (µm) of the slides' level 0: needed for images without one (PNG, JPEG), "
                         "overrides the file's value otherwise")
     i.add_argument("--batch-size", type=_positive(int), default=None,
-                   help="tiles per batch (default 8 on a GPU, 4 on the CPU: as fast there, and less memory)")
+                   help="tiles per batch (default: the pixels of 8 tiles of 512 px on a GPU, 4 on the CPU, where a "
+                        "bigger batch is no faster and takes more memory; with 768-px tiles 4 and 2)")
     i.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
                    help="processes reading tiles while the model runs; 0 reads in the main process. auto: up to 4 "
                         "with a GPU; on the CPU 1 where tiles are decoded in full and shrunk from a finer level "
                         "(40x scans whose tiles are not JPEG), else 0 "
                         "(default auto)")
-    i.add_argument("--tile-size", type=_positive(int), default=512,
-                   help="tile size in px at the model's mpp, a multiple of 32 (default 512)")
+    i.add_argument("--tile-size", type=_positive(int), default=768,
+                   help="tile size in px at the model's mpp, a multiple of 32; larger tiles give the network more "
+                        "context around large nerves and less overlap to compute twice "
+                        "(default 768)")
     i.add_argument("--overlap", type=int, default=64,
                    help="px shared by neighbouring tiles, blended (default 64)")
     i.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",

@@ -38,9 +38,12 @@ AGREEMENT = 0.99  # reduced precision is used on the CPU only if its class map a
 
 @dataclass(frozen=True)
 class InferSettings:
-    tile_size: int = 512  # px at the analysis mpp (the network is fully convolutional: any multiple of 32)
+    # px at the analysis mpp (the network is fully convolutional: any multiple of 32). 768, not the 512 of
+    # the training patches: a large nerve (0.1 mm², ~350 µm across) then fits in one tile, and the network
+    # calls its epineurium nerve more consistently; chosen on the validation slides (choose_postprocess.py)
+    tile_size: int = 768
     overlap: int = 64  # px shared by neighbouring tiles, blended with a raised cosine
-    batch_size: int | None = None  # tiles per batch; None: default_batch_size(device)
+    batch_size: int | None = None  # tiles per batch; None: default_batch_size(device, tile_size)
     workers: int | None = None  # DataLoader processes reading tiles (0: the main process; None: auto_workers)
     precision: str = "auto"  # auto: fp16 on CUDA; bf16 on a CPU with native bf16 that agrees with fp32; else fp32
     min_tissue_fraction: float = 0.01  # tiles with less tissue are not run (their canvas stays background)
@@ -195,14 +198,16 @@ ACTIVATION_FACTOR = 32  # peak memory of a ResNet-18 U-Net forward pass ≈ this
 #                         per 512-px tile on the CPU, 3 MB of input)
 
 
-def default_batch_size(device: torch.device) -> int:
-    """8 tiles on a GPU; 4 on the CPU, where a bigger batch is no faster (the work per tile is the same) and
-    each 512-px tile's activations take about 95 MB (batch 8 -> 4: peak memory 1.81 -> 1.49 GB measured)."""
-    return 8 if device.type == "cuda" else 4
+def default_batch_size(device: torch.device, tile_size: int = InferSettings.tile_size) -> int:
+    """As many tiles as hold the pixels of 8 tiles of 512 px on a GPU, 4 on the CPU (at least one): on the CPU a
+    bigger batch is no faster (the work per pixel is the same) and each 512-px tile's activations take about
+    95 MB (batch 8 -> 4: peak memory 1.81 -> 1.49 GB measured). 768-px tiles: 4 on a GPU, 2 on the CPU."""
+    tiles_of_512 = 8 if device.type == "cuda" else 4
+    return max(1, round(tiles_of_512 * 512**2 / tile_size**2))
 
 
 def batch_size_for(settings: InferSettings, device: torch.device) -> int:
-    return settings.batch_size or default_batch_size(device)
+    return settings.batch_size or default_batch_size(device, settings.tile_size)
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -8,7 +8,7 @@ itself (cached in --out), with the bundled weights on the device given.
    fully covered with tissue, in the same unit; `pipeline_to_model_ratio` on a 20x slide (level 0 at
    0.5 µm/px) and `pipeline_to_model_ratio_40x` on a 40x slide in Aperio's layout (0.25 µm/px, pyramid steps
    of 4, so every tile is decoded at level 0 and halved). The ceiling is measured right before each;
-3. reading: raw OpenSlide `read_region` of level-0 512-px regions against the reader's tiles at the analysis
+3. reading: raw OpenSlide `read_region` of level-0 tile-sized regions against the reader's tiles at the analysis
    mpp (decoding and resizing included), both in megapixels of output per second;
 4. background: the same slide size at 10%, 50% and 100% tissue; `background_share` = (time at 10% - 0.1 x time
    at 100%) / time at 10%: the share of a sparse slide's time not spent on its tissue;
@@ -59,7 +59,7 @@ from nervedet.synth import SynthSettings, cached_synthetic_slide  # noqa: E402
 from nervedet.tissue import detect_tissue  # noqa: E402
 from nervedet.weights import load_model  # noqa: E402
 
-TILE = 512  # batch size: the pipeline's default for the device (4 on the CPU, 8 on a GPU)
+TILE = InferSettings.tile_size  # the pipeline's default tile (768 px); batch: its default for the tile and device
 
 
 def make_slide(out: Path, name: str, size_mm: float, mpp: float, tissue: float, seed: int = 9400) -> Path:
@@ -79,7 +79,7 @@ def model_ceiling(model, path: Path, seconds: float) -> tuple[float, str]:
     """Megapixels per second of the network alone on preloaded tiles, and the precision it ran in."""
     cfg, device = model.config, model.device
     net = inference_network(model)  # the network exactly as the pipeline runs it
-    batch = default_batch_size(device)
+    batch = default_batch_size(device, TILE)
     x = normalize(_tiles(path, model, batch).to(device), cfg).contiguous(memory_format=torch.channels_last)
     precision = choose_precision(model, x, "auto")
     _run(net, x, device, precision)  # warm-up
@@ -184,7 +184,7 @@ def main() -> int:
     model = load_model(device=args.device)
     res: dict = {"device": str(model.device), "quick": args.quick, "cpu": platform.processor() or platform.machine(),
                  "cores": os.cpu_count(), "torch": torch.__version__, "tile_size": TILE,
-           "batch_size": default_batch_size(model.device)}
+           "batch_size": default_batch_size(model.device, TILE)}
     seconds = 8 if args.quick else 20
 
     for key, mpp in (("", 0.5), ("_40x", 0.25)):
@@ -229,6 +229,11 @@ def main() -> int:
     res["tiatoolbox_speedup"] = res["tiatoolbox_peak_rss_gb"] = None
     if args.tiatoolbox_json:  # the peer's run of the same 20x slide (scripts/bench_tiatoolbox.sh, its own venv)
         peer = json.loads(args.tiatoolbox_json.read_text())
+        ours = (TILE, res["batch_size"])
+        if (peer.get("tile"), peer.get("batch_size")) != ours:  # the race is fair only on the same work
+            raise SystemExit(f"{args.tiatoolbox_json}: the peer ran {peer.get('tile')}-px tiles in batches of "
+                             f"{peer.get('batch_size')}, nervedet {ours[0]} in batches of {ours[1]}: run "
+                             f"scripts/bench_tiatoolbox.sh with --tile {ours[0]} --batch-size {ours[1]}")
         res["tiatoolbox_speedup"] = round(peer["seconds"] / res["pipeline_seconds"], 3)
         res["tiatoolbox_peak_rss_gb"] = round(peer.get("peak_rss_self_gb", peer["peak_rss_gb"]), 3)
         res["tiatoolbox_seconds"] = round(peer["seconds"], 1)

@@ -27,6 +27,15 @@ def test_every_option_of_every_command_has_help() -> None:
                 assert action.help and len(action.help) > 10, (name, action.dest)
 
 
+def test_infer_option_defaults_are_the_engines_defaults() -> None:
+    """The CLI spells its defaults out (importing the engine would slow `--help`); they must not drift."""
+    from nervedet.infer import InferSettings
+
+    args = _parser().parse_args(["infer", "slide.svs", "--out", "out"])
+    engine = InferSettings()
+    assert (args.tile_size, args.overlap, args.batch_size) == (engine.tile_size, engine.overlap, engine.batch_size)
+
+
 @pytest.fixture(scope="module")
 def truth_file(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("truth")

@@ -149,13 +149,17 @@ def test_a_tile_that_cannot_be_read_is_one_slide_error_line_naming_the_file(imag
     assert "Input/output error (the disk went away)" in message
 
 
-def test_the_default_batch_is_smaller_on_the_cpu_and_an_explicit_one_is_kept() -> None:
+def test_the_default_batch_is_smaller_on_the_cpu_follows_the_tile_pixels_and_an_explicit_one_is_kept() -> None:
     import torch
 
     from nervedet.infer import batch_size_for
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert batch_size_for(InferSettings(), cpu) == 4 and batch_size_for(InferSettings(), cuda) == 8
+    assert batch_size_for(InferSettings(tile_size=512), cpu) == 4
+    assert batch_size_for(InferSettings(tile_size=512), cuda) == 8
+    assert batch_size_for(InferSettings(tile_size=768), cpu) == 2
+    assert batch_size_for(InferSettings(tile_size=768), cuda) == 4
+    assert batch_size_for(InferSettings(tile_size=2048), cpu) == 1
     assert batch_size_for(InferSettings(batch_size=16), cpu) == 16
 
 
