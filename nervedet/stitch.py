@@ -57,6 +57,7 @@ class Stitcher:
         self._acc = np.zeros((self.channels, self._band_h, self.width), np.float32)
         self._wsum = np.zeros((self._band_h, self.width), np.float32)
         self._last_y = 0
+        self._used = 0  # band rows [0, used) hold sums; the rest are 0
 
     def add(self, x: int, y: int, probs: np.ndarray) -> None:
         """Add one tile's probabilities (C, T, T), 0..1, whose top-left is canvas pixel (x, y)."""
@@ -75,6 +76,7 @@ class Stitcher:
         ba, bb = ya - self._top, yb - self._top
         self._acc[:, ba:bb, xa:xb] += probs[:, ya - y:yb - y, xa - x:xb - x] * w
         self._wsum[ba:bb, xa:xb] += w
+        self._used = max(self._used, bb)
 
     def finish(self) -> np.ndarray:
         """Write the remaining rows; returns the (C, H, W) uint8 canvas (probability × 255)."""
@@ -88,20 +90,27 @@ class Stitcher:
         self._acc, self._wsum, self._band_h = acc, wsum, rows
 
     def _flush(self, upto: int) -> None:
-        """Normalise and store canvas rows [top, upto): no tile starting at y >= upto touches them."""
+        """Normalise and store canvas rows [top, upto): no tile starting at y >= upto touches them. Then the
+        band's rows still in use move up (only those: a tile row's overlap, not the whole band)."""
         upto = min(upto, self.height)
-        n = upto - self._top
+        n = min(upto - self._top, self._band_h)
         if n <= 0:
             return
-        n = min(n, self._band_h)
-        wsum = self._wsum[:n]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            p = np.where(wsum > 0, self._acc[:, :n] / wsum, 0.0)
-        self.canvas[:, self._top:self._top + n] = np.clip(p * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        self._acc = np.roll(self._acc, -n, axis=1)
-        self._wsum = np.roll(self._wsum, -n, axis=0)
-        self._acc[:, -n:] = 0
-        self._wsum[-n:] = 0
+        used, m = self._used, min(n, self._used)
+        if m > 0:  # rows no tile reached stay 0 (the canvas starts at 0)
+            wsum = self._wsum[:m]
+            scale = np.divide(255.0, wsum, out=np.zeros_like(wsum), where=wsum > 0)
+            p = self._acc[:, :m] * scale
+            p += 0.5
+            np.minimum(p, 255.0, out=p)
+            self.canvas[:, self._top:self._top + m] = p  # truncation after + 0.5: rounded
+        rest = max(used - n, 0)
+        if rest:
+            self._acc[:, :rest] = self._acc[:, n:used]
+            self._wsum[:rest] = self._wsum[n:used]
+        self._acc[:, rest:used] = 0
+        self._wsum[rest:used] = 0
+        self._used = rest
         self._top += n
         if self._top < upto:  # the gap was wider than the band: rows no tile reached stay 0
             self._top = upto

@@ -20,15 +20,24 @@ RED, GREEN, BLUE = (200, 30, 30), (30, 200, 30), (30, 30, 200)
 
 
 def spy_levels(slide: Slide, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the pyramid level of every backend read."""
+    """Record the pyramid level of every backend read (OpenSlide's, or the JPEG tiles decoded by jpeg_tiles.py)."""
     levels: list[int] = []
-    read = slide._backend.read
+    backend = slide._backend
+    if hasattr(backend, "decodes_scaled"):  # its one-time check reads a tile: done before spying
+        for level in range(slide.level_count):
+            backend.decodes_scaled(level)
 
-    def spy(level: int, *args: int) -> np.ndarray:
-        levels.append(level)
-        return read(level, *args)
+    def spying(read):
+        def spy(level: int, *args: int) -> np.ndarray:
+            out = read(level, *args)
+            if out is not None:
+                levels.append(level)
+            return out
+        return spy
 
-    monkeypatch.setattr(slide._backend, "read", spy)
+    for name in ("read", "read_scaled"):
+        if hasattr(backend, name):
+            monkeypatch.setattr(backend, name, spying(getattr(backend, name)))
     return levels
 
 
