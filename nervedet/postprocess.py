@@ -27,6 +27,12 @@ from nervedet.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 
+# segments per quarter circle where a zone's outline turns round a corner: 8, not shapely's 16, for half the
+# time; where a 100-µm zone turns round a corner its outline falls inside the true arc by at most 1.9 µm
+# (0.5 µm with 16): a cell that close to a rounded corner of its zone may be counted just outside it (the
+# per-nerve counts use exact distances)
+ZONE_QUAD_SEGS = 8
+
 
 @dataclass(frozen=True)
 class PostprocessSettings:
@@ -163,7 +169,8 @@ def perineural_zone(nerves: list[Polygon], distance: float) -> BaseGeometry:
 
     Each nerve grown minus the nerve shrunk: the same set as the union of the boundaries' buffers, for about
     half the time (measured on a 1.5 mm slide with 10 nerves: 0.48 against 0.82 s)."""
-    return shapely.union_all([n.buffer(distance).difference(n.buffer(-distance)) for n in nerves])
+    return shapely.union_all([n.buffer(distance, quad_segs=ZONE_QUAD_SEGS).difference(
+        n.buffer(-distance, quad_segs=ZONE_QUAD_SEGS)) for n in nerves])
 
 
 def postprocess(out: InferenceOutput, tissue: TissueMask, settings: PostprocessSettings = PostprocessSettings()
@@ -206,7 +213,7 @@ def postprocess(out: InferenceOutput, tissue: TissueMask, settings: PostprocessS
         zones["intratumoral"] = tumor_all.intersection(tissue_geom)
         # the union of each outline's buffer is the union's buffer, for a third of the time (measured on a
         # 1.5 mm slide with 17 tumour regions: 0.13 against 0.33 s)
-        grown = shapely.union_all([t.buffer(zone_px) for t in outlines])
+        grown = shapely.union_all([t.buffer(zone_px, quad_segs=ZONE_QUAD_SEGS) for t in outlines])
         zones["peritumoral"] = grown.difference(tumor_all).intersection(tissue_geom)
     if nerves:
         zones["perineural"] = perineural_zone(nerves, zone_px).intersection(tissue_geom)
