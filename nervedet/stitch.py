@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 IN_MEMORY_BYTES = 1 << 30  # canvases larger than this live in a temporary file
 _FLOOR = 1e-3  # the window never reaches 0, so a tile edge with no neighbour still counts
+_FLUSH_COLUMNS = 4096  # canvas columns normalised at a time
 
 
 def blend_window(size: int, overlap: int) -> np.ndarray:
@@ -53,7 +54,9 @@ class Stitcher:
         self.window = blend_window(self.tile_size, int(overlap))
         self.canvas = _canvas((self.channels, self.height, self.width), workdir)
         self._top = 0  # canvas row of the band's first row
-        self._band_h = 2 * self.tile_size  # rows the band holds: a tile row plus the one before it
+        # rows the band holds: one tile's height. Rows above the current tile row are stored (flushed) before
+        # its first tile is added, so only the previous row's overlap is still held when it starts
+        self._band_h = self.tile_size
         self._acc = np.zeros((self.channels, self._band_h, self.width), np.float32)
         self._wsum = np.zeros((self._band_h, self.width), np.float32)
         self._last_y = 0
@@ -97,13 +100,14 @@ class Stitcher:
         if n <= 0:
             return
         used, m = self._used, min(n, self._used)
-        if m > 0:  # rows no tile reached stay 0 (the canvas starts at 0)
-            wsum = self._wsum[:m]
+        for xa in range(0, self.width if m > 0 else 0, _FLUSH_COLUMNS):  # rows no tile reached stay 0
+            xb = min(xa + _FLUSH_COLUMNS, self.width)  # in column blocks: temporaries stay small on wide canvases
+            wsum = self._wsum[:m, xa:xb]
             scale = np.divide(255.0, wsum, out=np.zeros_like(wsum), where=wsum > 0)
-            p = self._acc[:, :m] * scale
+            p = self._acc[:, :m, xa:xb] * scale
             p += 0.5
             np.minimum(p, 255.0, out=p)
-            self.canvas[:, self._top:self._top + m] = p  # truncation after + 0.5: rounded
+            self.canvas[:, self._top:self._top + m, xa:xb] = p  # truncation after + 0.5: rounded
         rest = max(used - n, 0)
         if rest:
             self._acc[:, :rest] = self._acc[:, n:used]
