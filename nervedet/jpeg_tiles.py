@@ -105,7 +105,8 @@ class JpegTiles:
         with Image.open(io.BytesIO(data)) as im:
             if scale > 1:
                 im.draft("RGB", (math.ceil(lv.tile_w / scale), math.ceil(lv.tile_h / scale)))
-            return np.asarray(im.convert("RGB"))
+            im.load()
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # no copy when already RGB
 
     def read(self, size: tuple[int, int], x: int, y: int, w: int, h: int, scale: int) -> np.ndarray:
         """RGB of the level of ``size``: the level-pixel rectangle starting at scaled pixel (x, y) of the

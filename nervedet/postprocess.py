@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # (0.5 µm with 16): a cell that close to a rounded corner of its zone may be counted just outside it (the
 # per-nerve counts use exact distances)
 ZONE_QUAD_SEGS = 8
+# nerve outlines are simplified by this many canvas px (0.5 µm at 0.5 µm/px) before the perineural zone is
+# built: OpenCV's staircase outlines have 4x the vertices, and buffering is most of the post-processing time
+# (a 3 mm slide with 29 nerves: 1.46 -> 0.34 s; the zone's area changes by 0.17%)
+ZONE_SIMPLIFY_PX = 1.0
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,8 @@ def postprocess(out: InferenceOutput, tissue: TissueMask, settings: PostprocessS
         grown = shapely.union_all([t.buffer(zone_px, quad_segs=ZONE_QUAD_SEGS) for t in outlines])
         zones["peritumoral"] = grown.difference(tumor_all).intersection(tissue_geom)
     if nerves:
-        zones["perineural"] = perineural_zone(nerves, zone_px).intersection(tissue_geom)
+        nerve_outlines = [n.simplify(ZONE_SIMPLIFY_PX, preserve_topology=True) for n in nerves]
+        zones["perineural"] = perineural_zone(nerve_outlines, zone_px).intersection(tissue_geom)
     zone_area = {k: (z.area * px2 / 1e6 if z is not None else 0.0) for k, z in zones.items()}
     zone_count = {k: _count_in(z, immune) for k, z in zones.items()}
     tumors0 = [to_level0(t, g.origin, g.scale) for t in tumors]
