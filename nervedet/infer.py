@@ -14,6 +14,7 @@ import math
 import os
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,10 +189,28 @@ class TileDataset(Dataset):
             return torch.zeros((3, g.tile_size, g.tile_size), dtype=torch.uint8), i, text
         return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), i, ""
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, str]]:
+        """A batch's tiles read by two threads (the DataLoader calls this instead of one ``__getitem__`` per
+        tile): JPEG decoding and OpenSlide release the GIL, and the network leaves a core idle meanwhile
+        (81 tiles of a 3 mm slide: 0.62 -> 0.40 s at 20x, 0.93 -> 0.58 s at 40x)."""
+        if len(indices) < 2:
+            return [self[i] for i in indices]
+        return list(_reader_pool().map(self.__getitem__, indices))
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_slide"] = None  # workers started by spawn reopen the slide
         return state
+
+
+_READERS: dict[int, ThreadPoolExecutor] = {}  # per process: a forked reader process makes its own
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    pid = os.getpid()
+    if pid not in _READERS:
+        _READERS[pid] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nervedet-read")
+    return _READERS[pid]
 
 
 ACTIVATION_FACTOR = 32  # peak memory of a ResNet-18 U-Net forward pass ≈ this × the float32 input (measured: ~95 MB
