@@ -109,10 +109,11 @@ class _OpenSlideBackend:
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
         self._path = path if path is not None and is_tiff(path) else None
         self._jpeg: JpegTiles | None = None
-        self._fast: dict[int, bool] = {}  # level -> reduced-scale JPEG reads agree with OpenSlide
+        self._fast: dict[int, bool] = {}  # level -> jpeg_tiles.py's decodes agree with OpenSlide
 
     def decodes_scaled(self, level: int) -> bool:
-        """Whether ``level`` can be read at reduced scale (checked once: one tile against OpenSlide's)."""
+        """Whether ``level``'s JPEG tiles can be decoded by jpeg_tiles.py, at full or reduced scale (checked
+        once: one tile against OpenSlide's)."""
         if level not in self._fast:
             self._fast[level] = False
             if self._path is not None:
@@ -357,8 +358,8 @@ class Slide:
         bw = int(p.get("openslide.bounds-width", self.dimensions[0] - bx))
         bh = int(p.get("openslide.bounds-height", self.dimensions[1] - by))
         self.bounds: tuple[int, int, int, int] = (bx, by, bw, bh)  # the non-empty area
-        # Shrinking reads of JPEG-tiled TIFF levels decode at ½-⅛ scale in the DCT domain (jpeg_tiles.py)
-        # where that agrees with OpenSlide's decode; False: always decode at full size and resize.
+        # Reads of JPEG-tiled TIFF levels are decoded by jpeg_tiles.py (at ½-⅛ scale in the DCT domain where
+        # they shrink) where that agrees with OpenSlide's decode; False: OpenSlide decodes, at full size.
         self.fast_jpeg = True
 
     def __repr__(self) -> str:

@@ -92,6 +92,20 @@ class Stitcher:
         acc[:, :self._band_h], wsum[:self._band_h] = self._acc, self._wsum
         self._acc, self._wsum, self._band_h = acc, wsum, rows
 
+    def _store(self, rows: int) -> None:
+        """Normalise the band's first ``rows`` rows into the canvas at ``top``, in column blocks (temporaries stay
+        small on wide canvases)."""
+        if rows <= 0:
+            return
+        for xa in range(0, self.width, _FLUSH_COLUMNS):
+            xb = min(xa + _FLUSH_COLUMNS, self.width)
+            wsum = self._wsum[:rows, xa:xb]
+            scale = np.divide(255.0, wsum, out=np.zeros_like(wsum), where=wsum > 0)
+            p = self._acc[:, :rows, xa:xb] * scale
+            p += 0.5
+            np.minimum(p, 255.0, out=p)
+            self.canvas[:, self._top:self._top + rows, xa:xb] = p  # truncation after + 0.5: rounded
+
     def _flush(self, upto: int) -> None:
         """Normalise and store canvas rows [top, upto): no tile starting at y >= upto touches them. Then the
         band's rows still in use move up (only those: a tile row's overlap, not the whole band)."""
@@ -99,15 +113,8 @@ class Stitcher:
         n = min(upto - self._top, self._band_h)
         if n <= 0:
             return
-        used, m = self._used, min(n, self._used)
-        for xa in range(0, self.width if m > 0 else 0, _FLUSH_COLUMNS):  # rows no tile reached stay 0
-            xb = min(xa + _FLUSH_COLUMNS, self.width)  # in column blocks: temporaries stay small on wide canvases
-            wsum = self._wsum[:m, xa:xb]
-            scale = np.divide(255.0, wsum, out=np.zeros_like(wsum), where=wsum > 0)
-            p = self._acc[:, :m, xa:xb] * scale
-            p += 0.5
-            np.minimum(p, 255.0, out=p)
-            self.canvas[:, self._top:self._top + m, xa:xb] = p  # truncation after + 0.5: rounded
+        used = self._used
+        self._store(min(n, used))  # rows no tile reached stay 0
         rest = max(used - n, 0)
         if rest:
             self._acc[:, :rest] = self._acc[:, n:used]

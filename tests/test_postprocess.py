@@ -183,13 +183,11 @@ def test_nerve_candidates_of_low_mean_probability_are_dropped_as_detections_belo
 def test_the_perineural_zone_is_the_band_around_every_boundary_holes_included() -> None:
     from shapely.geometry import Polygon, box
 
-    from nervedet.postprocess import perineural_zone
+    from nervedet.postprocess import ZONE_QUAD_SEGS, perineural_zone
 
     ring = Polygon(box(0, 0, 400, 400).exterior.coords, [box(100, 100, 300, 300).exterior.coords])  # a big hole
     small = box(380, 380, 460, 440)  # overlaps the first nerve's band
     zone = perineural_zone([ring, small], 30.0)
-    from nervedet.postprocess import ZONE_QUAD_SEGS
-
     band = shapely.union_all([g.boundary.buffer(30.0, quad_segs=ZONE_QUAD_SEGS) for g in (ring, small)])
     assert zone.symmetric_difference(band).area < 1e-6 * band.area
     inside = lambda x, y: bool(shapely.contains_xy(zone, x, y))  # noqa: E731
