@@ -155,9 +155,9 @@ def test_the_default_batch_is_smaller_on_the_cpu_follows_the_tile_pixels_and_an_
     from nervedet.infer import batch_size_for
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert batch_size_for(InferSettings(tile_size=512), cpu) == 4
+    assert batch_size_for(InferSettings(tile_size=512), cpu) == 2
     assert batch_size_for(InferSettings(tile_size=512), cuda) == 8
-    assert batch_size_for(InferSettings(tile_size=768), cpu) == 2
+    assert batch_size_for(InferSettings(tile_size=768), cpu) == 1
     assert batch_size_for(InferSettings(tile_size=768), cuda) == 4
     assert batch_size_for(InferSettings(tile_size=2048), cpu) == 1
     assert batch_size_for(InferSettings(batch_size=16), cpu) == 16

@@ -59,3 +59,22 @@ def test_tiles_out_of_row_order_are_refused() -> None:
     s.add(0, 64, np.ones((1, 64, 64), np.float32))
     with pytest.raises(ValueError, match="non-decreasing y"):
         s.add(0, 0, np.ones((1, 64, 64), np.float32))
+
+
+def test_a_canvas_too_large_for_memory_is_a_file_mapping_with_the_same_pixels(monkeypatch, tmp_path) -> None:
+    import torch
+
+    from nervedet import stitch
+
+    yy, xx = np.mgrid[0:150, 0:170]
+    field = np.stack([0.5 + 0.4 * np.sin(xx / 17.0), (xx + yy) / 320.0]).astype(np.float32)
+    in_memory = _tile_field(field, 64, 16)
+    monkeypatch.setattr(stitch, "IN_MEMORY_BYTES", 1000)
+    s = Stitcher(170, 150, 2, 64, 16, workdir=tmp_path)
+    assert isinstance(s.canvas, np.memmap)
+    mapped = _tile_field(field, 64, 16)
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, in_memory)
+    # tiles given as tensors (as inference gives them) stitch to the same pixels
+    s = Stitcher(64, 64, 2, 64, 0)
+    s.add(0, 0, torch.from_numpy(field[:, :64, :64].copy()))
+    assert np.array_equal(s.finish(), _tile_field(field[:, :64, :64].copy(), 64, 0))
