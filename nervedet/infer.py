@@ -14,7 +14,6 @@ import math
 import os
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from nervedet.model import normalize
 from nervedet.peaks import DEFAULT_THRESHOLD, find_peaks
 from nervedet.slide import Slide, SlideError, one_line, open_slide
 from nervedet.stitch import Stitcher
+from nervedet.threads import READ_THREADS, pool
 from nervedet.tissue import TissueMask, split_regions
 from nervedet.weights import Model, cpu_bf16_supported
 
@@ -196,22 +196,12 @@ class TileDataset(Dataset):
         if len(indices) < 2:
             return [self[i] for i in indices]
         self._open()  # once, before the threads: both would open the slide in a new reader process
-        return list(_reader_pool().map(self.__getitem__, indices))
+        return list(pool("read", READ_THREADS).map(self.__getitem__, indices))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_slide"] = None  # workers started by spawn reopen the slide
         return state
-
-
-_READERS: dict[int, ThreadPoolExecutor] = {}  # per process: a forked reader process makes its own
-
-
-def _reader_pool() -> ThreadPoolExecutor:
-    pid = os.getpid()
-    if pid not in _READERS:
-        _READERS[pid] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nervedet-read")
-    return _READERS[pid]
 
 
 ACTIVATION_FACTOR = 32  # peak memory of a ResNet-18 U-Net forward pass ≈ this × the float32 input (measured: ~95 MB

@@ -1,0 +1,54 @@
+"""Small per-process thread pools for work whose heavy parts release the GIL (JPEG decoding, OpenSlide, GEOS
+through shapely, OpenCV, NumPy): reading a batch's tiles, and the post-processing steps that handle many
+objects or image bands at once. On the CPU the network keeps every core busy while it runs; everything else
+runs between its batches or after them, single-threaded unless it is spread like this.
+
+A task given to a pool must not wait on the same pool (with two threads that could deadlock).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+import shapely
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+READ_THREADS = 2  # a batch's tiles are read by two threads (more gained nothing on 2 cores)
+_POOLS: dict[tuple[int, str], ThreadPoolExecutor] = {}  # per process: a forked reader process makes its own
+
+
+def pool(name: str, threads: int | None = None) -> ThreadPoolExecutor:
+    """This process's pool called ``name`` (made on first use, with ``threads`` or one per core up to 4)."""
+    key = (os.getpid(), name)
+    if key not in _POOLS:
+        n = threads or max(1, min(4, os.cpu_count() or 1))
+        _POOLS[key] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"nervedet-{name}")
+    return _POOLS[key]
+
+
+def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]`` spread over the "work" pool, in order; one item runs here."""
+    items = list(items)
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    return list(pool("work").map(fn, items))
+
+
+def _chunks(geoms: list, parts: int) -> list[np.ndarray]:
+    arr = np.empty(len(geoms), dtype=object)
+    arr[:] = geoms
+    return [c for c in np.array_split(arr, parts) if len(c)]
+
+
+def buffer_all(geoms: list, distance: float, **kwargs) -> np.ndarray:
+    """``shapely.buffer`` of each geometry (an object array, in order), the list cut into one part per thread."""
+    if not geoms:
+        return np.empty(0, dtype=object)
+    parts = thread_map(lambda c: shapely.buffer(c, distance, **kwargs), _chunks(geoms, pool("work")._max_workers))
+    return np.concatenate(parts)
