@@ -82,17 +82,18 @@ def _infer_regions(model: Model, slide: Slide, tissue: TissueMask, settings: Ana
     mpp, s = model.config.analysis_mpp, settings.infer
     regions = canvas_regions(slide, tissue, mpp, s)
     total = sum(len(canvas_grid(slide, r, mpp, s).tiles) for r in regions)
-    parts, tiles, seconds, precision, decode = [], 0, 0.0, "none", "none"
+    parts, tiles, pixels, seconds, precision, decode = [], 0, 0, 0.0, "none", "none"
     with tqdm(total=total, desc=slide.path.name, unit="tile", disable=not s.progress, leave=False,
               dynamic_ncols=True) as bar:
         for region in regions:
             out = run_inference(model, slide, region, s, workdir, bar=bar)
             parts.append(postprocess(out, region, settings.post))
-            tiles, seconds = tiles + len(out.grid.tiles), seconds + out.seconds
+            tiles, pixels, seconds = tiles + len(out.grid.tiles), pixels + out.grid.pixels, seconds + out.seconds
             precision = out.precision if out.precision != "none" else precision
             decode = out.decode if out.grid.tiles else decode
             del out  # the region's canvas goes before the next one is made
-    stats = {"precision": precision, "decode": decode, "tiles": tiles, "inference_s": round(seconds, 2),
+    stats = {"precision": precision, "decode": decode, "tiles": tiles, "network_mpx": round(pixels / 1e6, 3),
+             "inference_s": round(seconds, 2),
              "regions": len(regions)}
     return merge_objects(parts), stats
 

@@ -48,6 +48,10 @@ class InferSettings:
     workers: int | None = None  # DataLoader processes reading tiles (0: the main process; None: auto_workers)
     precision: str = "auto"  # auto: fp16 on CUDA; bf16 on a CPU with native bf16 that agrees with fp32; else fp32
     min_tissue_fraction: float = 0.01  # tiles with less tissue are not run (their canvas stays background)
+    # each tile is run only over the part that holds tissue (as the tissue mask sees it) and CROP_MARGIN_PX
+    # around it, in sizes that are multiples of CROP_QUANTUM_PX: on a sparse slide the network's work then
+    # follows the tissue area, not the tiles' (see tile_crops)
+    crop_to_tissue: bool = True
     immune_threshold: float = DEFAULT_THRESHOLD
     peak_min_distance_um: float = 4.0  # immune-cell peaks closer than this to a stronger one are dropped
     # A canvas over all the tissue larger than this (MiB: 1 byte per pixel and class) is split into regions,
@@ -86,6 +90,17 @@ class CanvasGrid:
     nx: int
     ny: int
     tiles: tuple[tuple[int, int], ...]  # (column, row) of the tiles that are run, row-major
+    # per tile, the part run: (x, y, width, height) in the tile's px; empty: every tile whole
+    crops: tuple[tuple[int, int, int, int], ...] = ()
+
+    def crop(self, i: int) -> tuple[int, int, int, int]:
+        """The part of tile ``i`` that is run: (x, y, width, height) in the tile's px."""
+        return self.crops[i] if self.crops else (0, 0, self.tile_size, self.tile_size)
+
+    @property
+    def pixels(self) -> int:
+        """Pixels the network runs over the grid (the crops' areas)."""
+        return sum(w * h for _, _, w, h in self.crops) if self.crops else len(self.tiles) * self.tile_size**2
 
     @property
     def stride(self) -> int:
@@ -141,7 +156,42 @@ def canvas_grid(slide: Slide, tissue: TissueMask, mpp: float, settings: InferSet
     frac = tissue.fractions(x0 + cols * stride * scale, y0 + rows * stride * scale, size0, size0)
     keep = frac >= settings.min_tissue_fraction
     tiles = tuple((int(c), int(r)) for c, r in zip(cols[keep], rows[keep]))
-    return CanvasGrid((float(x0), float(y0)), scale, width, height, t, settings.overlap, nx, ny, tiles)
+    crops = tile_crops(tissue, x0 + cols[keep] * stride * scale, y0 + rows[keep] * stride * scale, scale, t) if (
+        settings.crop_to_tissue) else ()
+    return CanvasGrid((float(x0), float(y0)), scale, width, height, t, settings.overlap, nx, ny, tiles, crops)
+
+
+CROP_MARGIN_PX = 128  # px of context kept around the tissue in a cropped tile (64 µm at 0.5 µm/px)
+CROP_QUANTUM_PX = 128  # crop sizes are multiples of this: few input shapes (the CPU backend prepares each once)
+
+
+def _span(lo: float, hi: float, t: int) -> tuple[int, int]:
+    """Start and length, within [0, t), of the tissue extent [lo, hi) grown by the margin, on the quantum."""
+    a = max(0, math.floor((lo - CROP_MARGIN_PX) / CROP_QUANTUM_PX) * CROP_QUANTUM_PX)
+    b = min(t, math.ceil((hi + CROP_MARGIN_PX) / CROP_QUANTUM_PX) * CROP_QUANTUM_PX)
+    return (a, b - a) if b > a else (0, t)
+
+
+def tile_crops(tissue: TissueMask, x0: np.ndarray, y0: np.ndarray, scale: float, t: int
+               ) -> tuple[tuple[int, int, int, int], ...]:
+    """For tiles of ``t`` canvas px at level-0 (x0, y0) (``scale`` level-0 px per canvas px), the part to run:
+    the bounding box of the tissue mask's pixels that touch the tile, grown by CROP_MARGIN_PX and rounded
+    outwards to CROP_QUANTUM_PX, within the tile. A tile full of tissue is run whole. The tiles run with a
+    crop also change the result near the tissue's edge a little (the network sees zero padding beyond the crop
+    instead of the background there)."""
+    s, (mh, mw) = tissue.scale, tissue.mask.shape
+    out = []
+    for x, y in zip(np.asarray(x0, float), np.asarray(y0, float)):
+        mx0, my0 = max(math.floor(x / s), 0), max(math.floor(y / s), 0)
+        mx1, my1 = min(math.ceil((x + t * scale) / s), mw), min(math.ceil((y + t * scale) / s), mh)
+        ys, xs = np.nonzero(tissue.mask[my0:my1, mx0:mx1])
+        if not len(xs):
+            out.append((0, 0, t, t))
+            continue
+        cx, cw = _span(((mx0 + xs.min()) * s - x) / scale, ((mx0 + xs.max() + 1) * s - x) / scale, t)
+        cy, ch = _span(((my0 + ys.min()) * s - y) / scale, ((my0 + ys.max() + 1) * s - y) / scale, t)
+        out.append((cx, cy, cw, ch))
+    return tuple(out)
 
 
 def canvas_regions(slide: Slide, tissue: TissueMask, mpp: float, settings: InferSettings,
@@ -159,7 +209,8 @@ def canvas_regions(slide: Slide, tissue: TissueMask, mpp: float, settings: Infer
 
 
 class TileDataset(Dataset):
-    """The grid's tiles as uint8 (3, T, T) tensors. Each worker process opens the slide itself."""
+    """The grid's tiles (their crops: CanvasGrid.crop) as uint8 (3, h, w) tensors. Each worker process opens the
+    slide itself."""
 
     def __init__(self, slide: Slide, grid: CanvasGrid, mpp: float) -> None:
         self.path, self.slide_mpp, self.grid, self.mpp = Path(slide.path), slide.mpp, grid, mpp
@@ -179,14 +230,15 @@ class TileDataset(Dataset):
         exception would reach the main process as a multi-line traceback, not as a message naming the file)."""
         g = self.grid
         x, y = g.tile_origin(*g.tiles[i])
-        loc = (g.origin[0] + x * g.scale, g.origin[1] + y * g.scale)
+        cx, cy, cw, ch = g.crop(i)
+        loc = (g.origin[0] + (x + cx) * g.scale, g.origin[1] + (y + cy) * g.scale)
         try:
-            rgb = self._open().read_region(loc, (g.tile_size, g.tile_size), self.mpp)
+            rgb = self._open().read_region(loc, (cw, ch), self.mpp)
         except Exception as exc:  # noqa: BLE001 - reported by the main process as one SlideError
             text = one_line(exc)
             if str(self.path) not in text:
                 text = f"{self.path}: cannot read the tile at level-0 ({loc[0]:.0f}, {loc[1]:.0f}): {text}"
-            return torch.zeros((3, g.tile_size, g.tile_size), dtype=torch.uint8), i, text
+            return torch.zeros((3, ch, cw), dtype=torch.uint8), i, text
         return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), i, ""
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, str]]:
@@ -344,12 +396,33 @@ def choose_precision(model: Model, x: torch.Tensor, setting: str) -> str:
     return _PRECISION_CACHE[key]
 
 
-def _owned_peaks(peaks: torch.Tensor, grid: CanvasGrid, col: int, row: int) -> np.ndarray:
-    """(K, 3) canvas [x, y, p] of the tile's peaks that lie in its own grid cell and on the canvas."""
+def collate_tiles(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[list[torch.Tensor], torch.Tensor,
+                                                                       tuple[str, ...]]:
+    """A group of tiles as a list (their crops differ in size), their indices and their read errors."""
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), tuple(b[2] for b in batch)
+
+
+def same_shape_runs(items: list[tuple[int, torch.Tensor]], batch: int) -> list[list[tuple[int, torch.Tensor]]]:
+    """Consecutive (index, tile) pairs in runs of one shape, at most ``batch`` long (the order is kept: the
+    stitcher takes tiles row by row)."""
+    runs: list[list[tuple[int, torch.Tensor]]] = []
+    for item in items:
+        if runs and len(runs[-1]) < batch and runs[-1][-1][1].shape == item[1].shape:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def _owned_peaks(peaks: torch.Tensor, grid: CanvasGrid, i: int) -> np.ndarray:
+    """(K, 3) canvas [x, y, p] of tile ``i``'s peaks (found in its crop) that lie in its own grid cell and on
+    the canvas."""
     pts = peaks.cpu().numpy().astype(np.float64)
     if not len(pts):
         return pts.reshape(0, 3)
+    col, row = grid.tiles[i]
     x0, y0 = grid.tile_origin(col, row)
+    x0, y0 = x0 + grid.crop(i)[0], y0 + grid.crop(i)[1]
     pts[:, 0] += x0
     pts[:, 1] += y0
     c, r = grid.owner(pts[:, 0], pts[:, 1])
@@ -379,7 +452,7 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     loader = DataLoader(on_device.dataset() if on_device else TileDataset(slide, grid, cfg.analysis_mpp),
                         batch_size=group, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=2 if workers else None,
-                        collate_fn=on_device.collate if on_device else None)
+                        collate_fn=on_device.collate if on_device else collate_tiles)
     found: list[np.ndarray] = []
     precision = None
     radius = max(1, round(settings.peak_min_distance_um / cfg.analysis_mpp))  # px at the analysis mpp
@@ -391,19 +464,22 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
         for images, idx, errors in loader:
             if problem := next((e for e in errors if e), None):
                 raise SlideError(problem)
-            images = on_device.decode(images, idx) if on_device else images
-            for a in range(0, len(idx), batch):
-                x = normalize(images[a:a + batch].to(device, non_blocking=True), cfg)
+            if on_device:  # whole tiles decoded on the device: their crops cut out there
+                images = on_device.decode(images, idx)
+                images = [im[:, cy:cy + ch, cx:cx + cw] for im, (cx, cy, cw, ch) in
+                          zip(images, (grid.crop(i) for i in idx.tolist()))]
+            for run in same_shape_runs(list(zip(idx.tolist(), images)), batch):
+                x = normalize(torch.stack([im for _, im in run]).to(device, non_blocking=True), cfg)
                 x = x.contiguous(memory_format=torch.channels_last)
                 precision = precision or choose_precision(model, x, settings.precision)
                 out = _run(net, x, device, precision)
                 probs = torch.softmax(out[:, : cfg.num_classes], 1)[:, keep].cpu()
                 peaks = find_peaks(torch.sigmoid(out[:, cfg.num_classes]), settings.immune_threshold, radius)
-                for k, i in enumerate(idx[a:a + batch].tolist()):
+                for k, (i, _) in enumerate(run):
                     col, row = grid.tiles[i]
-                    stitcher.add(*grid.tile_origin(col, row), probs[k])
-                    found.append(_owned_peaks(peaks[k], grid, col, row))
-                bar.update(len(probs))
+                    stitcher.add(*grid.tile_origin(col, row), probs[k], offset=grid.crop(i)[:2])
+                    found.append(_owned_peaks(peaks[k], grid, i))
+                bar.update(len(run))
     finally:
         if own_bar:
             bar.close()
@@ -413,8 +489,8 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     pts = np.concatenate(found) if found else np.zeros((0, 3))
     seconds = time.perf_counter() - t0
     decode = "device" if on_device else "reader"
-    log.info("%s: %d tiles of %d px in %.1f s (%.1f tiles/s, %s, decoded by the %s), %d immune-cell peaks",
-             slide.path.name, len(grid.tiles), grid.tile_size, seconds, len(grid.tiles) / max(seconds, 1e-9),
-             precision or "-", decode, len(pts))
+    log.info("%s: %d tiles of %d px (%.1f Mpx run: crops) in %.1f s (%.1f tiles/s, %s, decoded by the %s), "
+             "%d immune-cell peaks", slide.path.name, len(grid.tiles), grid.tile_size, grid.pixels / 1e6, seconds,
+             len(grid.tiles) / max(seconds, 1e-9), precision or "-", decode, len(pts))
     return InferenceOutput(grid, names, canvas, pts[:, :2], pts[:, 2], cfg.analysis_mpp, precision or "none",
                            seconds, decode)

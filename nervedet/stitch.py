@@ -48,7 +48,8 @@ def _canvas(shape: tuple[int, ...], workdir: Path | None) -> np.ndarray:
 
 
 class Stitcher:
-    """Accumulates (C, T, T) tile probabilities at canvas positions (x, y) given in non-decreasing y."""
+    """Accumulates (C, T, T) tile probabilities (or parts of tiles) at canvas positions (x, y) given in
+    non-decreasing y."""
 
     def __init__(self, width: int, height: int, channels: int, tile_size: int, overlap: int,
                  workdir: Path | None = None) -> None:
@@ -66,23 +67,27 @@ class Stitcher:
         self._last_y = 0
         self._used = 0  # band rows [0, used) hold sums; the rest are 0
 
-    def add(self, x: int, y: int, probs: np.ndarray | torch.Tensor) -> None:
-        """Add one tile's probabilities (C, T, T), 0..1 (float32, an array or a CPU tensor), whose top-left is
-        canvas pixel (x, y)."""
+    def add(self, x: int, y: int, probs: np.ndarray | torch.Tensor, offset: tuple[int, int] = (0, 0)) -> None:
+        """Add one tile's probabilities, 0..1 (float32, an array or a CPU tensor), for the tile whose top-left is
+        canvas pixel (x, y): (C, T, T), or (C, h, w) for the part of it that starts ``offset`` (x, y) px into it
+        (weighted by that part of the tile's window)."""
         if y < self._last_y:
             raise ValueError(f"tiles must come in non-decreasing y (got y={y} after {self._last_y})")
         self._last_y = y
         self._flush(y)
-        t = self.tile_size
-        xa, xb = max(x, 0), min(x + t, self.width)
-        ya, yb = max(y, 0), min(y + t, self.height)
+        t, (ph, pw) = self.tile_size, probs.shape[1:]
+        px, py = x + offset[0], y + offset[1]  # canvas px of probs[:, 0, 0]
+        if offset[0] < 0 or offset[1] < 0 or offset[0] + pw > t or offset[1] + ph > t:
+            raise ValueError(f"a part {pw}x{ph} at {tuple(offset)} does not lie inside a {t}-px tile")
+        xa, xb = max(px, 0), min(px + pw, self.width)
+        ya, yb = max(py, 0), min(py + ph, self.height)
         if xb <= xa or yb <= ya:
             return
         if yb - self._top > self._band_h:  # a tile taller than the band allows: make the band bigger
             self._grow(yb - self._top)
         w = self.window[ya - y:yb - y, xa - x:xb - x]
         ba, bb = ya - self._top, yb - self._top
-        self._acc[:, ba:bb, xa:xb].addcmul_(torch.as_tensor(probs)[:, ya - y:yb - y, xa - x:xb - x], w)
+        self._acc[:, ba:bb, xa:xb].addcmul_(torch.as_tensor(probs)[:, ya - py:yb - py, xa - px:xb - px], w)
         self._wsum[ba:bb, xa:xb] += w
         self._used = max(self._used, bb)
 

@@ -88,6 +88,49 @@ def test_the_canvas_spans_the_tissue_and_only_tiles_with_tissue_are_run(image, t
     assert 0 < len(kept) < grid.nx * grid.ny
 
 
+def test_tiles_are_run_only_over_their_tissue_and_a_margin_and_give_the_same_classes_and_cells(
+        image, tmp_path) -> None:
+    from nervedet.infer import CROP_MARGIN_PX, CROP_QUANTUM_PX
+
+    path, img, cells = image
+    big = np.full((1500, 2000, 3), 255, np.uint8)  # the image and a small piece on glass: 768-px tiles
+    big[100:700, 150:850] = img                     # partly over the glass between them
+    big[1000:1400, 1500:1900] = TISSUE
+    big[1100:1200, 1550:1700] = GREEN  # a nerve and cells in the piece, whose tiles are cropped
+    extra = [(1600 + 23 * k, 1300) for k in range(10)]
+    draw_cells(big, extra)
+    p = tmp_path / "sparse.png"
+    Image.fromarray(big).save(p)
+    runs = {}
+    for crop in (True, False):
+        with open_slide(p, mpp=0.5) as slide:
+            settings = InferSettings(tile_size=768, overlap=64, progress=False, precision="fp32", workers=0,
+                                     crop_to_tissue=crop)
+            runs[crop] = run_inference(fake_model(), slide, detect_tissue(slide), settings)
+    g, whole = runs[True].grid, runs[False].grid
+    assert g.tiles == whole.tiles and whole.pixels == len(whole.tiles) * 768**2
+    assert g.pixels < 0.75 * whole.pixels
+    tissue = np.zeros(big.shape[:2], bool)
+    tissue[100:700, 150:850] = tissue[1000:1400, 1500:1900] = True
+    ox, oy = int(round(g.origin[0])), int(round(g.origin[1]))
+    for i, (col, row) in enumerate(g.tiles):
+        cx, cy, cw, ch = g.crop(i)
+        assert cw % CROP_QUANTUM_PX == 0 and ch % CROP_QUANTUM_PX == 0 or cx + cw == 768 or cy + ch == 768
+        x, y = g.tile_origin(col, row)
+        inside = tissue[oy + y:oy + y + 768, ox + x:ox + x + 768]
+        ys, xs = np.nonzero(inside)  # the tissue of the tile lies in its crop, a margin from its edges
+        if not len(xs):
+            continue
+        assert xs.min() >= cx and xs.max() < cx + cw and ys.min() >= cy and ys.max() < cy + ch
+        assert cx == 0 or xs.min() - cx >= CROP_MARGIN_PX - 16  # 16: the tissue mask's pixel at 8 µm
+        assert cx + cw == 768 or cx + cw - xs.max() > CROP_MARGIN_PX - 16
+    for name in (0, 1):  # the classes and cells are those of the whole tiles
+        assert np.array_equal(runs[True].probs[name] > 127, runs[False].probs[name] > 127)
+    a, b = runs[True].immune_level0(), runs[False].immune_level0()
+    assert len(a) == len(b) == len(cells) + len(extra) and np.allclose(np.sort(a, 0), np.sort(b, 0))
+    assert sum(g.crop(i) != (0, 0, 768, 768) for i in range(len(g.tiles))) >= 2
+
+
 def test_a_slide_at_another_pixel_size_is_read_at_the_model_mpp(image, tmp_path) -> None:
     path, img, cells = image
     Image.fromarray(np.kron(img, np.ones((2, 2, 1), np.uint8))).save(tmp_path / "x2.png")  # 0.25 µm/px

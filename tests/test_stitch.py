@@ -78,3 +78,17 @@ def test_a_canvas_too_large_for_memory_is_a_file_mapping_with_the_same_pixels(mo
     s = Stitcher(64, 64, 2, 64, 0)
     s.add(0, 0, torch.from_numpy(field[:, :64, :64].copy()))
     assert np.array_equal(s.finish(), _tile_field(field[:, :64, :64].copy(), 64, 0))
+
+
+def test_a_tile_added_in_parts_at_their_offsets_equals_the_whole_tile() -> None:
+    rng = np.random.default_rng(0)
+    tiles = rng.random((2, 2, 64, 64), np.float32)
+    whole, parts = Stitcher(112, 64, 2, 64, 16), Stitcher(112, 64, 2, 64, 16)
+    for k, x in enumerate((0, 48)):
+        whole.add(x, 0, tiles[k])
+        parts.add(x, 0, tiles[k][:, :, :32], offset=(0, 0))
+        parts.add(x, 0, tiles[k][:, 16:, 32:], offset=(32, 16))  # the rest of the tile minus a top strip
+        parts.add(x, 0, tiles[k][:, :16, 32:], offset=(32, 0))
+    assert np.array_equal(whole.finish(), parts.finish())
+    with pytest.raises(ValueError, match="inside a 64-px tile"):
+        Stitcher(112, 64, 1, 64, 16).add(0, 0, np.ones((1, 32, 48), np.float32), offset=(32, 0))
