@@ -125,8 +125,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="pixel size (µm) of the slides' level 0: needed for images without one (PNG, JPEG), "
                         "overrides the file's value otherwise")
     i.add_argument("--batch-size", type=_positive(int), default=None,
-                   help="tiles per batch (default: the pixels of 8 tiles of 512 px on a GPU, 4 on the CPU, where a "
-                        "bigger batch is no faster and takes more memory; with 768-px tiles 4 and 2)")
+                   help="tiles per batch (default: the pixels of 8 tiles of 512 px on a GPU, 2 on the CPU, where a "
+                        "bigger batch is slower per pixel and takes more memory; with 768-px tiles 4 and 1)")
     i.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
                    help="processes reading tiles while the model runs; 0 reads in the main process. auto: up to 4 "
                         "with a GPU; on the CPU 1 where tiles are decoded in full and shrunk from a finer level "
@@ -138,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 768)")
     i.add_argument("--overlap", type=int, default=64,
                    help="px shared by neighbouring tiles, blended (default 64)")
+    i.add_argument("--whole-tiles", action="store_true",
+                   help="run every tile whole; by default a tile is run only over the part that holds tissue (as "
+                        "the tissue mask sees it) and 128 px around it, so the time follows the tissue area on "
+                        "sparse slides (objects agree with whole tiles; pixels near the tissue's edge may differ)")
     i.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: fp16 on CUDA, bf16 on the CPU when it agrees with fp32, else fp32 (default auto)")
     i.add_argument("--compile", action="store_true",
@@ -210,7 +214,7 @@ def _infer(args: argparse.Namespace) -> int:
     settings = AnalysisSettings(infer=InferSettings(
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
         precision=args.precision, compile=args.compile, device_decode=args.device_decode,
-        progress=not args.no_progress))
+        crop_to_tissue=not args.whole_tiles, progress=not args.no_progress))
     if not any(p.exists() for p in args.inputs):
         raise ValueError(f"{args.inputs[0]}: no such file or folder")
     slides = find_slides(args.inputs)
