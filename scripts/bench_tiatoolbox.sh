@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Peer benchmark (issue 5 item 6): nervedet's U-Net, with nervedet's weights, run on a slide by TIAToolbox 2.x's
-# SemanticSegmentor (0.5 µm/px, 768-px patches, stride 704, batch 2 as nervedet on the CPU), for wall time, peak RSS and the nerve
+# SemanticSegmentor (0.5 µm/px, 768-px patches, stride 704, batch 1 as nervedet on the CPU), for wall time, peak RSS and the nerve
 # mask (scripts/tiatoolbox_peer.py does the work; it does not import nervedet).
 #
 # Run by hand, NOT in CI: it builds a separate venv (TIAToolbox pins its own torch) and downloads packages.

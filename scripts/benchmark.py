@@ -5,7 +5,8 @@ itself (cached in --out), with the bundled weights on the device given.
    megapixels per second at the analysis mpp (tiles x tile² / s), measured before and after each pipeline run
    (the mean; their spread is reported, as this CPU's speed drifts by several percent);
 2. pipeline: `analyze_slide` end to end (tissue, reading, network, stitching, peaks, post-processing) on a slide
-   fully covered with tissue, in the same unit; `pipeline_to_model_ratio` on a 20x slide (level 0 at
+   fully covered with tissue, in the same unit (the pixels the network ran: the tiles' crops, run.json's
+   `network_mpx`, per second of the whole run); `pipeline_to_model_ratio` on a 20x slide (level 0 at
    0.5 µm/px) and `pipeline_to_model_ratio_40x` on a 40x slide in Aperio's layout (0.25 µm/px, pyramid steps
    of 4, so every tile is decoded at level 0 and halved). The ceiling is measured right before each;
 3. reading: raw OpenSlide `read_region` of level-0 tile-sized regions against the reader's tiles at the analysis
@@ -100,8 +101,8 @@ def pipeline(model, path: Path, precision: str = "auto") -> dict:
     infer = InferSettings(tile_size=TILE, progress=False, precision=precision)
     r = analyze_slide(path, model=model, settings=AnalysisSettings(infer=infer))
     seconds = time.perf_counter() - t0
-    tiles = r.settings["tiles"]
-    return {"seconds": seconds, "tiles": tiles, "mpx_s": tiles * TILE * TILE / seconds / 1e6,
+    tiles, mpx = r.settings["tiles"], r.settings["network_mpx"]  # the pixels the network ran (tiles' crops)
+    return {"seconds": seconds, "tiles": tiles, "network_mpx": mpx, "mpx_s": mpx / seconds,
             "tissue_mm2": r.metrics["tissue_area_mm2"]}
 
 

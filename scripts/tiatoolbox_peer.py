@@ -4,7 +4,7 @@ Runs INSIDE a TIAToolbox venv (see scripts/bench_tiatoolbox.sh), never in nerved
 import nervedet: the network is rebuilt here exactly as nervedet.model.build_network does, from the config JSON
 stored in the safetensors metadata.
 
-    python scripts/tiatoolbox_peer.py SLIDE OUT_JSON [--weights W] [--workers N] [--batch-size 2] [--tile 768]
+    python scripts/tiatoolbox_peer.py SLIDE OUT_JSON [--weights W] [--workers N] [--batch-size 1] [--tile 768]
         [--overlap 64] [--no-tissue-mask]
 
 Writes OUT_JSON = {"seconds", "peak_rss_gb", "mask_npy", "tiatoolbox_version", "torch_version", ...} and, next
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers (default: 0 on 20x slides, 1 on 40x ones, like nervedet)")
-    ap.add_argument("--batch-size", type=int, default=2)  # nervedet's default on the CPU for 768-px tiles
+    ap.add_argument("--batch-size", type=int, default=1)  # nervedet's default on the CPU for 768-px tiles
     ap.add_argument("--tile", type=int, default=768)  # nervedet's default tile
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--no-tissue-mask", action="store_true", help="run every patch (auto_get_mask=False)")
