@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from nervedet.allocator import keep_large_buffers
 from nervedet.device_jpeg import DEVICE_DECODE_MODES, device_tiles
 from nervedet.model import normalize
 from nervedet.peaks import DEFAULT_THRESHOLD, find_peaks
@@ -436,6 +437,8 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     and the peaks. ``bar``: a progress bar to advance (by default one of its own)."""
     t0 = time.perf_counter()
     cfg, device = model.config, model.device
+    if device.type == "cpu":
+        keep_large_buffers()  # the network's activations reused tile after tile, not faulted in again (allocator.py)
     grid = canvas_grid(slide, tissue, cfg.analysis_mpp, settings)
     keep = [cfg.class_index(n) for n in cfg.class_names if n != cfg.class_names[0]]  # all but background
     names = tuple(cfg.class_names[k] for k in keep)

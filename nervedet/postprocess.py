@@ -18,12 +18,13 @@ import shapely
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
+from nervedet.allocator import release_freed_memory
 from nervedet.geometry import from_level0, mask_to_polygons, max_feret, min_feret, to_level0
 from nervedet.infer import InferenceOutput
 from nervedet.matching import rasterize
 from nervedet.pni import PniSettings, fill_holes, grade_nerve
 from nervedet.results import NerveRecord
-from nervedet.threads import buffer_all, release_freed_memory, thread_map
+from nervedet.threads import buffer_all, thread_map
 from nervedet.tissue import TissueMask
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ A task given to a pool must not wait on the same pool (with two threads that cou
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,12 +53,3 @@ def buffer_all(geoms: list, distance: float, **kwargs) -> np.ndarray:
     parts = thread_map(lambda c: shapely.buffer(c, distance, **kwargs), _chunks(geoms, pool("work")._max_workers))
     return np.concatenate(parts)
 
-
-def release_freed_memory() -> None:
-    """Hand the memory freed in every thread's malloc arena back to the system (glibc's ``malloc_trim``; a no-op
-    elsewhere). Large temporaries freed by pool threads otherwise stay in their arenas, and the peak memory of
-    the steps after them grows by that much (a 50k² slide: 1.88 -> 2.00 GB)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc
-        pass
