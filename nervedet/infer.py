@@ -14,6 +14,7 @@ import math
 import os
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from nervedet.allocator import keep_large_buffers
+from nervedet.allocator import keep_large_buffers, release_freed_memory
+from nervedet.cpu_streams import stream_count, stream_results
 from nervedet.device_jpeg import DEVICE_DECODE_MODES, device_tiles
 from nervedet.model import normalize
 from nervedet.peaks import DEFAULT_THRESHOLD, find_peaks
@@ -377,7 +379,8 @@ def _run(net: torch.nn.Module, x: torch.Tensor, device: torch.device, precision:
 
 def choose_precision(model: Model, x: torch.Tensor, setting: str) -> str:
     """The precision to run in: as set, or for "auto" fp16 on CUDA; on a CPU with native bf16, bf16 when its
-    class map agrees with float32's on two tiles of this batch (checked once per weights file); else fp32."""
+    class map agrees with float32's on (up to two tiles of) ``x``, a slide's first tile (checked once per
+    weights file); else fp32."""
     device = model.device
     if setting != "auto":
         return setting
@@ -431,6 +434,47 @@ def _owned_peaks(peaks: torch.Tensor, grid: CanvasGrid, i: int) -> np.ndarray:
     return pts[keep]
 
 
+def _inputs(tiles: list[torch.Tensor], cfg, device: torch.device) -> torch.Tensor:
+    """uint8 (3, h, w) tiles of one size as the network's normalised channels-last batch on ``device``."""
+    x = normalize(torch.stack(tiles).to(device, non_blocking=True), cfg)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def index_runs(grid: CanvasGrid, batch: int) -> list[list[int]]:
+    """The grid's tile indices in order, in runs of one crop size at most ``batch`` long (one batch each)."""
+    runs: list[list[int]] = []
+    for i in range(len(grid.tiles)):
+        if runs and len(runs[-1]) < batch and grid.crop(runs[-1][-1])[2:] == grid.crop(i)[2:]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _loader_results(slide: Slide, grid: CanvasGrid, cfg, device: torch.device, workers: int, batch: int,
+                    on_device, predict) -> Iterator[tuple[list[int], torch.Tensor, list[torch.Tensor]]]:
+    """(indices, probabilities, peaks) per batch, in tile order, from tiles read by a DataLoader (in reader
+    processes when ``workers``, in groups of at least two read by two threads otherwise), or decoded on the
+    device (device_jpeg.py)."""
+    # tiles are read in groups of at least two (TileDataset.__getitems__ reads a group with two threads) and
+    # run through the network ``batch`` at a time
+    group = batch if on_device else max(batch, 2)
+    loader = DataLoader(on_device.dataset() if on_device else TileDataset(slide, grid, cfg.analysis_mpp),
+                        batch_size=group, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=2 if workers else None,
+                        collate_fn=on_device.collate if on_device else collate_tiles)
+    for images, idx, errors in loader:
+        if problem := next((e for e in errors if e), None):
+            raise SlideError(problem)
+        if on_device:  # whole tiles decoded on the device: their crops cut out there
+            images = on_device.decode(images, idx)
+            images = [im[:, cy:cy + ch, cx:cx + cw] for im, (cx, cy, cw, ch) in
+                      zip(images, (grid.crop(i) for i in idx.tolist()))]
+        for run in same_shape_runs(list(zip(idx.tolist(), images)), batch):
+            probs, peaks = predict(_inputs([im for _, im in run], cfg, device))
+            yield [i for i, _ in run], probs, peaks
+
+
 def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: InferSettings = InferSettings(),
                   workdir: Path | None = None, bar: tqdm | None = None) -> InferenceOutput:
     """Run the model over the slide's tissue (or one region of it); see the module docstring for the canvas
@@ -449,46 +493,47 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     workers = settings.workers if settings.workers is not None else auto_workers(slide, cfg.analysis_mpp, device)
     batch = batch_size_for(settings, device)
     on_device = device_tiles(slide, grid, cfg.analysis_mpp, device, settings.device_decode)
-    # tiles are read in groups of at least two (TileDataset.__getitems__ reads a group with two threads) and
-    # run through the network ``batch`` at a time
-    group = batch if on_device else max(batch, 2)
-    loader = DataLoader(on_device.dataset() if on_device else TileDataset(slide, grid, cfg.analysis_mpp),
-                        batch_size=group, num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=2 if workers else None,
-                        collate_fn=on_device.collate if on_device else collate_tiles)
-    found: list[np.ndarray] = []
-    precision = None
     radius = max(1, round(settings.peak_min_distance_um / cfg.analysis_mpp))  # px at the analysis mpp
+
+    def predict(x: torch.Tensor, precision: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = _run(net, x, device, precision)
+        probs = torch.softmax(out[:, : cfg.num_classes], 1)[:, keep].cpu()
+        return probs, find_peaks(torch.sigmoid(out[:, cfg.num_classes]), settings.immune_threshold, radius)
+
+    found: list[np.ndarray] = []
     own_bar = bar is None
     if bar is None:
         bar = tqdm(total=len(grid.tiles), desc=slide.path.name, unit="tile", disable=not settings.progress,
                    leave=False, dynamic_ncols=True)
+    precision, results = None, None
     try:
-        for images, idx, errors in loader:
-            if problem := next((e for e in errors if e), None):
+        if grid.tiles:  # the precision from the first tile (checked once per weights file: choose_precision)
+            dataset = TileDataset(slide, grid, cfg.analysis_mpp)
+            first, _, problem = dataset[0]
+            if problem:
                 raise SlideError(problem)
-            if on_device:  # whole tiles decoded on the device: their crops cut out there
-                images = on_device.decode(images, idx)
-                images = [im[:, cy:cy + ch, cx:cx + cw] for im, (cx, cy, cw, ch) in
-                          zip(images, (grid.crop(i) for i in idx.tolist()))]
-            for run in same_shape_runs(list(zip(idx.tolist(), images)), batch):
-                x = normalize(torch.stack([im for _, im in run]).to(device, non_blocking=True), cfg)
-                x = x.contiguous(memory_format=torch.channels_last)
-                precision = precision or choose_precision(model, x, settings.precision)
-                out = _run(net, x, device, precision)
-                probs = torch.softmax(out[:, : cfg.num_classes], 1)[:, keep].cpu()
-                peaks = find_peaks(torch.sigmoid(out[:, cfg.num_classes]), settings.immune_threshold, radius)
-                for k, (i, _) in enumerate(run):
-                    col, row = grid.tiles[i]
-                    stitcher.add(*grid.tile_origin(col, row), probs[k], offset=grid.crop(i)[:2])
-                    found.append(_owned_peaks(peaks[k], grid, i))
-                bar.update(len(run))
+            precision = choose_precision(model, _inputs([first], cfg, device), settings.precision)
+        if device.type == "cpu" and not workers and not on_device and grid.tiles:  # CPU streams (cpu_streams.py)
+            results = stream_results(index_runs(grid, batch), dataset.__getitem__,
+                                     lambda tiles: predict(_inputs(tiles, cfg, device), precision), stream_count())
+        else:  # a DataLoader: reader processes, or JPEG tiles decoded on the device
+            results = _loader_results(slide, grid, cfg, device, workers, batch, on_device,
+                                      lambda x: predict(x, precision))
+        for run, probs, peaks in results:
+            for k, i in enumerate(run):
+                col, row = grid.tiles[i]
+                stitcher.add(*grid.tile_origin(col, row), probs[k], offset=grid.crop(i)[:2])
+                found.append(_owned_peaks(peaks[k], grid, i))
+            bar.update(len(run))
     finally:
+        if results is not None:
+            results.close()  # on an error: the streams' remaining tiles are dropped, torch's threads restored
         if own_bar:
             bar.close()
         if on_device:
             on_device.close()
     canvas = stitcher.finish()
+    release_freed_memory()  # what the streams' malloc arenas keep for the next tile (allocator.py)
     pts = np.concatenate(found) if found else np.zeros((0, 3))
     seconds = time.perf_counter() - t0
     decode = "device" if on_device else "reader"
