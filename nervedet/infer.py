@@ -1,6 +1,8 @@
-"""Whole-slide inference: tiles over the tissue, read by DataLoader workers, the model in batches on the device
-(AMP where it is safe), blended stitching of tumour and nerve probabilities into a canvas at the analysis mpp,
-and immune-cell peaks found per tile, each kept only by the tile that owns its position.
+"""Whole-slide inference: tiles over the tissue (each run only over its tissue and a margin: crops.py), run on
+the CPU by one stream per core (cpu_streams.py) or read by a DataLoader (reader processes, or JPEG tiles
+decoded on the device), the model in batches on the device (AMP where it is safe), blended stitching of
+tumour and nerve probabilities into a canvas at the analysis mpp, and immune-cell peaks found per tile, each
+kept only by the tile that owns its position.
 
 The canvas covers the tissue's bounding box at the model's analysis mpp: canvas pixel (x, y) is level-0 pixel
 ``origin + (x, y) * scale``. Tiles step by ``tile_size - overlap``; a tile owns the canvas pixels nearer to its
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from nervedet.allocator import keep_large_buffers, release_freed_memory
 from nervedet.cpu_streams import stream_count, stream_results
+from nervedet.crops import tile_crops
 from nervedet.device_jpeg import DEVICE_DECODE_MODES, device_tiles
 from nervedet.model import normalize
 from nervedet.peaks import DEFAULT_THRESHOLD, find_peaks
@@ -53,7 +56,7 @@ class InferSettings:
     min_tissue_fraction: float = 0.01  # tiles with less tissue are not run (their canvas stays background)
     # each tile is run only over the part that holds tissue (as the tissue mask sees it) and CROP_MARGIN_PX
     # around it, in sizes that are multiples of CROP_QUANTUM_PX: on a sparse slide the network's work then
-    # follows the tissue area, not the tiles' (see tile_crops)
+    # follows the tissue area, not the tiles' (crops.py)
     crop_to_tissue: bool = True
     immune_threshold: float = DEFAULT_THRESHOLD
     peak_min_distance_um: float = 4.0  # immune-cell peaks closer than this to a stronger one are dropped
@@ -162,39 +165,6 @@ def canvas_grid(slide: Slide, tissue: TissueMask, mpp: float, settings: InferSet
     crops = tile_crops(tissue, x0 + cols[keep] * stride * scale, y0 + rows[keep] * stride * scale, scale, t) if (
         settings.crop_to_tissue) else ()
     return CanvasGrid((float(x0), float(y0)), scale, width, height, t, settings.overlap, nx, ny, tiles, crops)
-
-
-CROP_MARGIN_PX = 128  # px of context kept around the tissue in a cropped tile (64 µm at 0.5 µm/px)
-CROP_QUANTUM_PX = 128  # crop sizes are multiples of this: few input shapes (the CPU backend prepares each once)
-
-
-def _span(lo: float, hi: float, t: int) -> tuple[int, int]:
-    """Start and length, within [0, t), of the tissue extent [lo, hi) grown by the margin, on the quantum."""
-    a = max(0, math.floor((lo - CROP_MARGIN_PX) / CROP_QUANTUM_PX) * CROP_QUANTUM_PX)
-    b = min(t, math.ceil((hi + CROP_MARGIN_PX) / CROP_QUANTUM_PX) * CROP_QUANTUM_PX)
-    return (a, b - a) if b > a else (0, t)
-
-
-def tile_crops(tissue: TissueMask, x0: np.ndarray, y0: np.ndarray, scale: float, t: int
-               ) -> tuple[tuple[int, int, int, int], ...]:
-    """For tiles of ``t`` canvas px at level-0 (x0, y0) (``scale`` level-0 px per canvas px), the part to run:
-    the bounding box of the tissue mask's pixels that touch the tile, grown by CROP_MARGIN_PX and rounded
-    outwards to CROP_QUANTUM_PX, within the tile. A tile full of tissue is run whole. The tiles run with a
-    crop also change the result near the tissue's edge a little (the network sees zero padding beyond the crop
-    instead of the background there)."""
-    s, (mh, mw) = tissue.scale, tissue.mask.shape
-    out = []
-    for x, y in zip(np.asarray(x0, float), np.asarray(y0, float)):
-        mx0, my0 = max(math.floor(x / s), 0), max(math.floor(y / s), 0)
-        mx1, my1 = min(math.ceil((x + t * scale) / s), mw), min(math.ceil((y + t * scale) / s), mh)
-        ys, xs = np.nonzero(tissue.mask[my0:my1, mx0:mx1])
-        if not len(xs):
-            out.append((0, 0, t, t))
-            continue
-        cx, cw = _span(((mx0 + xs.min()) * s - x) / scale, ((mx0 + xs.max() + 1) * s - x) / scale, t)
-        cy, ch = _span(((my0 + ys.min()) * s - y) / scale, ((my0 + ys.max() + 1) * s - y) / scale, t)
-        out.append((cx, cy, cw, ch))
-    return tuple(out)
 
 
 def canvas_regions(slide: Slide, tissue: TissueMask, mpp: float, settings: InferSettings,
@@ -406,18 +376,6 @@ def collate_tiles(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[list[torc
     return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), tuple(b[2] for b in batch)
 
 
-def same_shape_runs(items: list[tuple[int, torch.Tensor]], batch: int) -> list[list[tuple[int, torch.Tensor]]]:
-    """Consecutive (index, tile) pairs in runs of one shape, at most ``batch`` long (the order is kept: the
-    stitcher takes tiles row by row)."""
-    runs: list[list[tuple[int, torch.Tensor]]] = []
-    for item in items:
-        if runs and len(runs[-1]) < batch and runs[-1][-1][1].shape == item[1].shape:
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
-
-
 def _owned_peaks(peaks: torch.Tensor, grid: CanvasGrid, i: int) -> np.ndarray:
     """(K, 3) canvas [x, y, p] of tile ``i``'s peaks (found in its crop) that lie in its own grid cell and on
     the canvas."""
@@ -440,10 +398,11 @@ def _inputs(tiles: list[torch.Tensor], cfg, device: torch.device) -> torch.Tenso
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def index_runs(grid: CanvasGrid, batch: int) -> list[list[int]]:
-    """The grid's tile indices in order, in runs of one crop size at most ``batch`` long (one batch each)."""
+def index_runs(grid: CanvasGrid, batch: int, indices: list[int] | None = None) -> list[list[int]]:
+    """Tile indices (default: all the grid's) in order, in runs of one crop size at most ``batch`` long (one
+    batch each; the order is kept: the stitcher takes tiles row by row)."""
     runs: list[list[int]] = []
-    for i in range(len(grid.tiles)):
+    for i in range(len(grid.tiles)) if indices is None else indices:
         if runs and len(runs[-1]) < batch and grid.crop(runs[-1][-1])[2:] == grid.crop(i)[2:]:
             runs[-1].append(i)
         else:
@@ -470,9 +429,9 @@ def _loader_results(slide: Slide, grid: CanvasGrid, cfg, device: torch.device, w
             images = on_device.decode(images, idx)
             images = [im[:, cy:cy + ch, cx:cx + cw] for im, (cx, cy, cw, ch) in
                       zip(images, (grid.crop(i) for i in idx.tolist()))]
-        for run in same_shape_runs(list(zip(idx.tolist(), images)), batch):
-            probs, peaks = predict(_inputs([im for _, im in run], cfg, device))
-            yield [i for i, _ in run], probs, peaks
+        by_index = dict(zip(idx.tolist(), images))
+        for run in index_runs(grid, batch, idx.tolist()):
+            yield run, *predict(_inputs([by_index[i] for i in run], cfg, device))
 
 
 def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: InferSettings = InferSettings(),

@@ -90,7 +90,7 @@ def test_the_canvas_spans_the_tissue_and_only_tiles_with_tissue_are_run(image, t
 
 def test_tiles_are_run_only_over_their_tissue_and_a_margin_and_give_the_same_classes_and_cells(
         image, tmp_path) -> None:
-    from nervedet.infer import CROP_MARGIN_PX, CROP_QUANTUM_PX
+    from nervedet.crops import CROP_MARGIN_PX, CROP_QUANTUM_PX
 
     path, img, cells = image
     big = np.full((1500, 2000, 3), 255, np.uint8)  # the image and a small piece on glass: 768-px tiles
