@@ -472,7 +472,8 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
             if problem:
                 raise SlideError(problem)
             precision = choose_precision(model, _inputs([first], cfg, device), settings.precision)
-        if device.type == "cpu" and not workers and not on_device and grid.tiles:  # CPU streams (cpu_streams.py)
+        # CPU streams (cpu_streams.py); not for a compiled network (its first call compiles: one thread only)
+        if device.type == "cpu" and not workers and not on_device and not settings.compile and grid.tiles:
             results = stream_results(index_runs(grid, batch), dataset.__getitem__,
                                      lambda tiles: predict(_inputs(tiles, cfg, device), precision), stream_count())
         else:  # a DataLoader: reader processes, or JPEG tiles decoded on the device

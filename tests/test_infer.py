@@ -252,3 +252,18 @@ def test_the_inference_network_folds_batchnorm_into_the_convolutions_and_compute
     with torch.inference_mode():
         torch.testing.assert_close(refolded(x.contiguous(memory_format=torch.channels_last)), model.network(x),
                                    atol=1e-3, rtol=1e-4)
+
+
+def test_cpu_streams_and_the_dataloader_give_the_same_canvas_and_cells(image, monkeypatch) -> None:
+    from nervedet import infer
+
+    path, _, _ = image
+    calls = []
+    real = infer.stream_results
+    monkeypatch.setattr(infer, "stream_results", lambda *a: calls.append(a[3]) or real(*a))
+    streams = _run(path, 256, 64, workers=0)  # on the CPU without reader processes: streams
+    assert calls == [infer.stream_count()]
+    loader = _run(path, 256, 64, workers=1)  # a reader process: the DataLoader
+    assert len(calls) == 1
+    assert np.array_equal(streams.probs, loader.probs)
+    assert np.array_equal(streams.immune_xy, loader.immune_xy)
