@@ -27,7 +27,8 @@ def pool(name: str, threads: int | None = None) -> ThreadPoolExecutor:
     """This process's pool called ``name`` (made on first use, with ``threads`` or one per core up to 4)."""
     key = (os.getpid(), name)
     if key not in _POOLS:
-        n = threads or max(1, min(4, os.cpu_count() or 1))
+        n = threads or max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                   else os.cpu_count() or 1))
         _POOLS[key] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"nervedet-{name}")
     return _POOLS[key]
 

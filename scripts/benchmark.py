@@ -96,7 +96,7 @@ def _throughput(net, x: torch.Tensor, device, precision: str, seconds: float, st
     if streams == 1:
         loop(0)
     else:
-        with torch_threads(max(1, (os.cpu_count() or 1) // streams)), ThreadPoolExecutor(streams) as ex:
+        with torch_threads(max(1, torch.get_num_threads() // streams)), ThreadPoolExecutor(streams) as ex:
             list(ex.map(loop, range(streams)))
     if device.type == "cuda":
         torch.cuda.synchronize()
