@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 IN_MEMORY_BYTES = 1 << 30  # canvases larger than this live in a temporary file
 _FLOOR = 1e-3  # the window never reaches 0, so a tile edge with no neighbour still counts
 _FLUSH_COLUMNS = 4096  # canvas columns normalised at a time
+_HALF = torch.tensor(0.5)
 
 
 def blend_window(size: int, overlap: int) -> np.ndarray:
@@ -109,10 +110,10 @@ class Stitcher:
             return
         for xa in range(0, self.width, _FLUSH_COLUMNS):
             xb = min(xa + _FLUSH_COLUMNS, self.width)
-            wsum = self._wsum[:rows, xa:xb]
-            scale = torch.where(wsum > 0, 255.0 / wsum, 0.0)
-            p = self._acc[:, :rows, xa:xb] * scale
-            p.add_(0.5).clamp_(max=255.0)
+            # rows no tile reached hold 0 in both sums: a tiny floor keeps them 0 without a test per pixel; no
+            # clamp: the weighted mean of probabilities is at most 1 (a sum of terms each at most its weight)
+            scale = 255.0 / self._wsum[:rows, xa:xb].clamp_min(1e-30)
+            p = torch.addcmul(_HALF, self._acc[:, :rows, xa:xb], scale)
             self._out[:, self._top:self._top + rows, xa:xb] = p.to(torch.uint8)  # truncation after + 0.5: rounded
 
     def _flush(self, upto: int) -> None:
