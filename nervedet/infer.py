@@ -16,7 +16,7 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +102,12 @@ class CanvasGrid:
     def crop(self, i: int) -> tuple[int, int, int, int]:
         """The part of tile ``i`` that is run: (x, y, width, height) in the tile's px."""
         return self.crops[i] if self.crops else (0, 0, self.tile_size, self.tile_size)
+
+    def crop_origin(self, i: int) -> tuple[int, int]:
+        """Canvas px of the top-left corner of the part of tile ``i`` that is run."""
+        x, y = self.tile_origin(*self.tiles[i])
+        cx, cy = self.crop(i)[:2]
+        return x + cx, y + cy
 
     @property
     def pixels(self) -> int:
@@ -202,9 +208,8 @@ class TileDataset(Dataset):
         """The tile, its index and "" ; or a blank tile and the one-line reason it could not be read (a worker's
         exception would reach the main process as a multi-line traceback, not as a message naming the file)."""
         g = self.grid
-        x, y = g.tile_origin(*g.tiles[i])
-        cx, cy, cw, ch = g.crop(i)
-        loc = (g.origin[0] + (x + cx) * g.scale, g.origin[1] + (y + cy) * g.scale)
+        (x, y), (cw, ch) = g.crop_origin(i), g.crop(i)[2:]
+        loc = (g.origin[0] + x * g.scale, g.origin[1] + y * g.scale)
         try:
             rgb = self._open().read_region(loc, (cw, ch), self.mpp)
         except Exception as exc:  # noqa: BLE001 - reported by the main process as one SlideError
@@ -347,10 +352,10 @@ def _run(net: torch.nn.Module, x: torch.Tensor, device: torch.device, precision:
         return net(x).float()
 
 
-def choose_precision(model: Model, x: torch.Tensor, setting: str) -> str:
+def choose_precision(model: Model, sample: Callable[[], torch.Tensor], setting: str) -> str:
     """The precision to run in: as set, or for "auto" fp16 on CUDA; on a CPU with native bf16, bf16 when its
-    class map agrees with float32's on (up to two tiles of) ``x``, a slide's first tile (checked once per
-    weights file); else fp32."""
+    class map agrees with float32's on (up to two tiles of) the input batch ``sample()`` gives, such as a
+    slide's first tile (checked once per weights file: the sample is made only then); else fp32."""
     device = model.device
     if setting != "auto":
         return setting
@@ -360,7 +365,7 @@ def choose_precision(model: Model, x: torch.Tensor, setting: str) -> str:
         return "fp32"
     key = (model.sha256, device.type)
     if key not in _PRECISION_CACHE:
-        c, x = model.config.num_classes, x[:2]  # two tiles tell; float32 is the slow part
+        c, x = model.config.num_classes, sample()[:2]  # two tiles tell; float32 is the slow part
         net = inference_network(model)
         ref = _run(net, x, device, "fp32")[:, :c].argmax(1)
         low = _run(net, x, device, "bf16")[:, :c].argmax(1)
@@ -383,8 +388,7 @@ def _owned_peaks(peaks: torch.Tensor, grid: CanvasGrid, i: int) -> np.ndarray:
     if not len(pts):
         return pts.reshape(0, 3)
     col, row = grid.tiles[i]
-    x0, y0 = grid.tile_origin(col, row)
-    x0, y0 = x0 + grid.crop(i)[0], y0 + grid.crop(i)[1]
+    x0, y0 = grid.crop_origin(i)
     pts[:, 0] += x0
     pts[:, 1] += y0
     c, r = grid.owner(pts[:, 0], pts[:, 1])
@@ -410,7 +414,7 @@ def index_runs(grid: CanvasGrid, batch: int, indices: list[int] | None = None) -
     return runs
 
 
-def _loader_results(slide: Slide, grid: CanvasGrid, cfg, device: torch.device, workers: int, batch: int,
+def _loader_results(dataset: Dataset, grid: CanvasGrid, cfg, device: torch.device, workers: int, batch: int,
                     on_device, predict) -> Iterator[tuple[list[int], torch.Tensor, list[torch.Tensor]]]:
     """(indices, probabilities, peaks) per batch, in tile order, from tiles read by a DataLoader (in reader
     processes when ``workers``, in groups of at least two read by two threads otherwise), or decoded on the
@@ -418,7 +422,7 @@ def _loader_results(slide: Slide, grid: CanvasGrid, cfg, device: torch.device, w
     # tiles are read in groups of at least two (TileDataset.__getitems__ reads a group with two threads) and
     # run through the network ``batch`` at a time
     group = batch if on_device else max(batch, 2)
-    loader = DataLoader(on_device.dataset() if on_device else TileDataset(slide, grid, cfg.analysis_mpp),
+    loader = DataLoader(on_device.dataset() if on_device else dataset,
                         batch_size=group, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=2 if workers else None,
                         collate_fn=on_device.collate if on_device else collate_tiles)
@@ -464,20 +468,24 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     if bar is None:
         bar = tqdm(total=len(grid.tiles), desc=slide.path.name, unit="tile", disable=not settings.progress,
                    leave=False, dynamic_ncols=True)
+    dataset = TileDataset(slide, grid, cfg.analysis_mpp)
+
+    def first_tile() -> torch.Tensor:  # read only when the precision is checked (once per weights file)
+        tile, _, problem = dataset[0]
+        if problem:
+            raise SlideError(problem)
+        return _inputs([tile], cfg, device)
+
     precision, results = None, None
     try:
-        if grid.tiles:  # the precision from the first tile (checked once per weights file: choose_precision)
-            dataset = TileDataset(slide, grid, cfg.analysis_mpp)
-            first, _, problem = dataset[0]
-            if problem:
-                raise SlideError(problem)
-            precision = choose_precision(model, _inputs([first], cfg, device), settings.precision)
+        if grid.tiles:
+            precision = choose_precision(model, first_tile, settings.precision)
         # CPU streams (cpu_streams.py); not for a compiled network (its first call compiles: one thread only)
         if device.type == "cpu" and not workers and not on_device and not settings.compile and grid.tiles:
             results = stream_results(index_runs(grid, batch), dataset.__getitem__,
                                      lambda tiles: predict(_inputs(tiles, cfg, device), precision), stream_count())
         else:  # a DataLoader: reader processes, or JPEG tiles decoded on the device
-            results = _loader_results(slide, grid, cfg, device, workers, batch, on_device,
+            results = _loader_results(dataset, grid, cfg, device, workers, batch, on_device,
                                       lambda x: predict(x, precision))
         for run, probs, peaks in results:
             for k, i in enumerate(run):

@@ -23,13 +23,18 @@ READ_THREADS = 2  # a batch's tiles are read by two threads (more gained nothing
 _POOLS: dict[tuple[int, str], ThreadPoolExecutor] = {}  # per process: a forked reader process makes its own
 
 
+def default_threads() -> int:
+    """One thread per CPU this process may run on (its affinity mask, not the machine's count), up to 4."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, usable))
+
+
 def pool(name: str, threads: int | None = None) -> ThreadPoolExecutor:
-    """This process's pool called ``name`` (made on first use, with ``threads`` or one per core up to 4)."""
+    """This process's pool called ``name`` (made on first use, with ``threads`` or default_threads())."""
     key = (os.getpid(), name)
     if key not in _POOLS:
-        n = threads or max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                   else os.cpu_count() or 1))
-        _POOLS[key] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"nervedet-{name}")
+        _POOLS[key] = ThreadPoolExecutor(max_workers=threads or default_threads(),
+                                         thread_name_prefix=f"nervedet-{name}")
     return _POOLS[key]
 
 
@@ -51,6 +56,6 @@ def buffer_all(geoms: list, distance: float, **kwargs) -> np.ndarray:
     """``shapely.buffer`` of each geometry (an object array, in order), the list cut into one part per thread."""
     if not geoms:
         return np.empty(0, dtype=object)
-    parts = thread_map(lambda c: shapely.buffer(c, distance, **kwargs), _chunks(geoms, pool("work")._max_workers))
+    parts = thread_map(lambda c: shapely.buffer(c, distance, **kwargs), _chunks(geoms, default_threads()))
     return np.concatenate(parts)
 
