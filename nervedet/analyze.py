@@ -33,6 +33,7 @@ class AnalysisSettings:
     tissue_mpp: float = 8.0  # µm/px of the tissue mask
     overlay_max_px: int = 2048  # the overlay's longer side at most
     overlay_min_mpp: float = 1.0  # and its pixels no finer than this (µm)
+    overlay_coarser: float = 1.5  # a pyramid level up to this factor coarser is read as it is (Slide.thumbnail)
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change the results (not batch size, workers, compilation, the progress bar, or
@@ -111,7 +112,8 @@ def analyze_slide(slide: str | Path | Slide, model: Model | None = None, device:
     try:
         tissue = detect_tissue(s, settings.tissue_mpp, settings.tissue)
         objs, inferred = _infer_regions(model, s, tissue, settings, workdir)
-        overlay, overlay_mpp = s.thumbnail(max_size=settings.overlay_max_px, mpp=settings.overlay_min_mpp)
+        overlay, overlay_mpp = s.thumbnail(max_size=settings.overlay_max_px, mpp=settings.overlay_min_mpp,
+                                               coarser=settings.overlay_coarser)
         metrics = slide_metrics(s, objs, model, settings, time.perf_counter() - t0)
         return SlideResult(
             slide_path=s.path, stem=slide_stem(s.path), slide_metrics=metrics, nerves=objs.nerves,

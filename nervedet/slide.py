@@ -418,10 +418,15 @@ class Slide:
     def read_tile(self, spec: TileSpec) -> np.ndarray:
         return self.read_region(spec.location, spec.size, spec.mpp)
 
-    def thumbnail(self, max_size: int | None = None, mpp: float | None = None) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_size: int | None = None, mpp: float | None = None,
+                  coarser: float = 1.0) -> tuple[np.ndarray, float]:
         """The whole image at a coarse mpp: `mpp`, or the mpp that fits `max_size` px (the coarser of both).
 
-        Read from the best pyramid level. Returns the image and its mpp. Default: max_size 1024.
+        Read from the best pyramid level. With ``coarser`` > 1, a pyramid level up to that factor coarser than
+        the mpp asked is taken as it is instead of shrinking a finer level (a small slide's overlay at 1.5 µm/px
+        from a 20x scan would otherwise decode its whole level 0; its 2 µm/px level costs a sixteenth); so is a
+        level decoded at ½, ¼ or ⅛ scale in the DCT domain where its JPEG tiles allow it (``decodes_reduced``).
+        Returns the image and its mpp. Default: max_size 1024.
         """
         w0, h0 = self.dimensions
         if mpp is None and max_size is None:
@@ -430,6 +435,11 @@ class Slide:
         if max_size:
             mpps.append(self.mpp * max(w0, h0) / max_size)
         thumb_mpp = max(mpps)
+        # pyramid levels, and where JPEG tiles decode at reduced scale, their halves, quarters and eighths
+        cheap = [m * f for m in self.level_mpps for f in (1, 2, 4, 8) if f == 1 or self.decodes_reduced(m * f)]
+        near = [m for m in cheap if thumb_mpp < m <= thumb_mpp * coarser]
+        if near:
+            thumb_mpp = min(near)
         f = self.mpp / thumb_mpp
         size = (max(1, math.ceil(w0 * f - _EPS)), max(1, math.ceil(h0 * f - _EPS)))
         return self.read_region((0, 0), size, thumb_mpp), thumb_mpp

@@ -92,3 +92,14 @@ def test_an_aperio_slide_with_rgb_jpeg_tiles_is_read_at_half_scale_in_its_true_c
     assert 2 in calls
     diff = np.abs(fast.astype(int) - full.astype(int))
     assert diff.mean() < 2.5 and abs(fast.mean() - full.mean()) < 1.0
+
+
+def test_thumbnail_takes_a_half_scale_decode_as_a_slightly_coarser_level(svs40x: Path, monkeypatch) -> None:
+    calls = _count_reads(monkeypatch)
+    slide = open_slide(svs40x)  # levels at 0.25 and 1.0 µm/px
+    thumb, mpp = slide.thumbnail(mpp=0.4, coarser=1.5)  # 0.5 µm/px, level 0 decoded at half scale, is 1.25x
+    assert mpp == 0.5 and thumb.shape[:2] == (600, 800)
+    assert calls[-1] == 2 and calls.count(2) == 1, calls  # one half-scale read, after the agreement checks
+    calls.clear()
+    thumb, mpp = slide.thumbnail(mpp=0.4, coarser=1.2)  # not within 1.2x: level 0 at full scale, shrunk
+    assert mpp == 0.4 and thumb.shape[:2] == (750, 1000) and set(calls) == {1}

@@ -151,6 +151,18 @@ def test_thumbnail_reads_a_coarse_level(coloured_pyramid: Path, monkeypatch: pyt
         assert mpp == 0.6 and thumb.shape == (320, 427, 3) and levels == [1]
 
 
+def test_thumbnail_takes_a_slightly_coarser_level_as_it_is(coloured_pyramid: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    with open_slide(coloured_pyramid) as slide:  # levels at 0.25, 0.5 and 1 µm/px
+        levels = spy_levels(slide, monkeypatch)
+        thumb, mpp = slide.thumbnail(mpp=0.7, coarser=1.5)  # 1 µm is 1.43x coarser: read as it is
+        assert mpp == pytest.approx(1.0) and thumb.shape == (192, 256, 3) and levels == [2]
+        np.testing.assert_allclose(thumb.reshape(-1, 3).mean(0), BLUE, atol=3)
+        levels.clear()
+        thumb, mpp = slide.thumbnail(mpp=0.7, coarser=1.3)  # too coarse: level 1 shrunk to 0.7 µm/px
+        assert mpp == 0.7 and thumb.shape == (275, 366, 3) and levels == [1]
+
+
 def test_read_tile_uses_level0_location_and_output_size(real_data: Path) -> None:
     spec = TileSpec(x0=400, y0=600, w0=256, h0=256, w=128, h=128, mpp=0.998)
     with pytest.raises(dataclasses.FrozenInstanceError):
