@@ -398,8 +398,7 @@ def _owned_peaks(peaks: torch.Tensor, grid: CanvasGrid, i: int) -> np.ndarray:
 
 def _inputs(tiles: list[torch.Tensor], cfg, device: torch.device) -> torch.Tensor:
     """uint8 (3, h, w) tiles of one size as the network's normalised channels-last batch on ``device``."""
-    x = normalize(torch.stack(tiles).to(device, non_blocking=True), cfg)
-    return x.contiguous(memory_format=torch.channels_last)
+    return normalize(torch.stack(tiles).to(device, non_blocking=True), cfg, torch.channels_last)
 
 
 def index_runs(grid: CanvasGrid, batch: int, indices: list[int] | None = None) -> list[list[int]]:
@@ -457,11 +456,13 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     batch = batch_size_for(settings, device)
     on_device = device_tiles(slide, grid, cfg.analysis_mpp, device, settings.device_decode)
     radius = max(1, round(settings.peak_min_distance_um / cfg.analysis_mpp))  # px at the analysis mpp
+    # the classes kept, as a slice where they are consecutive (a view: indexing by a list copies them)
+    kept = slice(keep[0], keep[-1] + 1) if keep == list(range(keep[0], keep[-1] + 1)) else keep
 
     def predict(x: torch.Tensor, precision: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = _run(net, x, device, precision)
-        probs = torch.softmax(out[:, : cfg.num_classes], 1)[:, keep].cpu()
-        return probs, find_peaks(torch.sigmoid(out[:, cfg.num_classes]), settings.immune_threshold, radius)
+        probs = torch.softmax(out[:, : cfg.num_classes], 1)[:, kept].cpu()
+        return probs, find_peaks(out[:, cfg.num_classes], settings.immune_threshold, radius, logits=True)
 
     found: list[np.ndarray] = []
     own_bar = bar is None

@@ -10,21 +10,27 @@ import torch.nn.functional as F
 DEFAULT_THRESHOLD = 0.5
 
 
-def find_peaks(prob: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, radius: int = 2) -> list[torch.Tensor]:
+def find_peaks(prob: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, radius: int = 2,
+               logits: bool = False) -> list[torch.Tensor]:
     """Peaks of a probability heatmap batch (N, 1, H, W) or (N, H, W): a list of (K, 3) tensors [x, y, p] per
-    image, x/y at pixel centres (+0.5). A peak is the maximum of its (2r+1)² neighbourhood and above threshold."""
+    image, x/y at pixel centres (+0.5). A peak is the maximum of its (2r+1)² neighbourhood and above threshold.
+    With ``logits``, the heatmap holds the logits of the probabilities (the sigmoid is monotonic: the same
+    maxima, found without a sigmoid over every pixel; only the peaks' own values are turned into p)."""
     if prob.dim() == 3:
         prob = prob.unsqueeze(1)
     prob = prob.float()
+    cut = float(torch.logit(torch.tensor(threshold, dtype=torch.float64))) if logits else threshold
     pooled = square_max(prob, radius)
-    keep = (prob == pooled) & (prob >= threshold)
+    keep = (prob == pooled) & (prob >= cut)
     out = []
     for i in range(prob.shape[0]):
         ys, xs = torch.nonzero(keep[i, 0], as_tuple=True)
         p = prob[i, 0, ys, xs]
         # plateaus (equal neighbours) would give several peaks: keep one per 3x3 block of ties
-        pts = torch.stack([xs.float() + 0.5, ys.float() + 0.5, p], dim=1)
-        out.append(_dedupe(pts, radius))
+        pts = _dedupe(torch.stack([xs.float() + 0.5, ys.float() + 0.5, p], dim=1), radius)
+        if logits:
+            pts[:, 2] = torch.sigmoid(pts[:, 2])
+        out.append(pts)
     return out
 
 

@@ -137,6 +137,19 @@ def test_normalize_uint8_and_float_agree():
     assert torch.allclose(normalize(mean.expand(1, 3, 4, 4), config), torch.zeros(1, 3, 4, 4), atol=1e-6)
 
 
+def test_normalize_is_mean_and_std_scaling_in_the_memory_format_asked():
+    config = ModelConfig()
+    rgb = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    mean, std = torch.tensor(config.mean).view(1, 3, 1, 1), torch.tensor(config.std).view(1, 3, 1, 1)
+    out = normalize(rgb, config, torch.channels_last)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, (rgb.float() / 255 - mean) / std, atol=1e-6, rtol=0)
+    x = rgb.float() / 255
+    kept = x.clone()
+    normalize(x, config)
+    assert torch.equal(x, kept)  # a float batch is not normalised in place
+
+
 def test_unknown_setting_is_named():
     data = ModelConfig().to_dict() | {"tile_sise": 256}
     with pytest.raises(ConfigError, match="unknown setting tile_sise"):

@@ -34,3 +34,22 @@ def test_peaks_are_the_local_maxima_above_threshold_once_each(monkeypatch) -> No
     monkeypatch.setattr(peaks, "square_max", lambda x, r: F.max_pool2d(x, 2 * r + 1, 1, r))
     (ref,) = find_peaks(heat, threshold=0.5, radius=3)
     assert torch.equal(ref, pts)
+
+
+def test_peaks_of_logits_are_those_of_their_probabilities() -> None:
+    g = torch.Generator().manual_seed(5)
+    logits = torch.nn.functional.avg_pool2d(torch.randn(2, 1, 90, 80, generator=g) * 8, 5, 1, 2)  # smooth blobs
+    for threshold in (0.3, 0.5, 0.8):
+        from_probs = find_peaks(torch.sigmoid(logits), threshold=threshold, radius=4)
+        from_logits = find_peaks(logits, threshold=threshold, radius=4, logits=True)
+        assert sum(len(p) for p in from_probs) > 5, threshold
+        for a, b in zip(from_probs, from_logits):
+            torch.testing.assert_close(a, b)  # the same points, p as probabilities
+
+
+def test_peaks_of_logits_see_maxima_that_saturated_probabilities_tie() -> None:
+    logits = torch.full((1, 1, 20, 20), -10.0)
+    logits[0, 0, 5, 5], logits[0, 0, 9, 9] = 25.0, 20.0  # both 1.0 as float32 probabilities
+    assert torch.sigmoid(logits[0, 0, 9, 9]) == torch.sigmoid(logits[0, 0, 5, 5]) == 1.0
+    (pts,) = find_peaks(logits, threshold=0.5, radius=4, logits=True)
+    assert pts[:, :2].tolist() == [[5.5, 5.5]]  # the weaker one is within the stronger one's square
