@@ -397,8 +397,11 @@ def _owned_peaks(peaks: torch.Tensor, grid: CanvasGrid, i: int) -> np.ndarray:
 
 
 def _inputs(tiles: list[torch.Tensor], cfg, device: torch.device) -> torch.Tensor:
-    """uint8 (3, h, w) tiles of one size as the network's normalised channels-last batch on ``device``."""
-    return normalize(torch.stack(tiles).to(device, non_blocking=True), cfg, torch.channels_last)
+    """uint8 (3, h, w) tiles of one size as the network's normalised channels-last batch on ``device``. The
+    reader's tiles are (h, w, 3) arrays seen as (3, h, w): stacked as they lie, they are a channels-last batch
+    already (stacking them channels-first and converting back made normalising 2.4x as slow)."""
+    hwc = torch.stack([t.permute(1, 2, 0) for t in tiles]).permute(0, 3, 1, 2)
+    return normalize(hwc.to(device, non_blocking=True), cfg, torch.channels_last)
 
 
 def index_runs(grid: CanvasGrid, batch: int, indices: list[int] | None = None) -> list[list[int]]:

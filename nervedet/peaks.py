@@ -51,16 +51,19 @@ def square_max(x: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def _dedupe(pts: torch.Tensor, radius: int) -> torch.Tensor:
-    """Drop peaks within ``radius`` px of a stronger (or equal, earlier) one."""
+    """Drop peaks within ``radius`` px of a stronger (or equal, earlier) one; strongest first. Each peak is the
+    maximum of its square, so only ties (plateaus) can be that close: the loop runs over those alone."""
     if len(pts) < 2:
         return pts
     order = torch.argsort(pts[:, 2], descending=True, stable=True)
     pts = pts[order]
     d = torch.cdist(pts[:, :2], pts[:, :2])
+    near = d <= radius
+    near.fill_diagonal_(False)
     keep = torch.ones(len(pts), dtype=torch.bool)
-    for i in range(len(pts)):
+    for i in torch.nonzero(near.any(1)).flatten().tolist():  # in order of strength, as before
         if keep[i]:
-            close = d[i] <= radius
+            close = near[i].clone()
             close[: i + 1] = False
             keep &= ~close
     return pts[keep]

@@ -53,3 +53,14 @@ def test_peaks_of_logits_see_maxima_that_saturated_probabilities_tie() -> None:
     assert torch.sigmoid(logits[0, 0, 9, 9]) == torch.sigmoid(logits[0, 0, 5, 5]) == 1.0
     (pts,) = find_peaks(logits, threshold=0.5, radius=4, logits=True)
     assert pts[:, :2].tolist() == [[5.5, 5.5]]  # the weaker one is within the stronger one's square
+
+
+def test_a_plateau_gives_one_peak_and_distant_ties_stay_apart() -> None:
+    heat = torch.zeros(1, 1, 40, 40)
+    heat[0, 0, 10, 10:13] = 0.8  # a plateau three pixels wide: one cell
+    heat[0, 0, 11, 11] = 0.8
+    heat[0, 0, 30, 30] = 0.8  # the same value far away: another cell
+    heat[0, 0, 30, 5] = 0.9
+    (pts,) = find_peaks(heat, threshold=0.5, radius=3)
+    assert pts.tolist() == [[5.5, 30.5, pytest.approx(0.9)], [10.5, 10.5, pytest.approx(0.8)],
+                            [30.5, 30.5, pytest.approx(0.8)]]  # strongest first; ties in reading order
