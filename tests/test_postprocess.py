@@ -187,9 +187,11 @@ def test_the_perineural_zone_is_the_band_around_every_boundary_holes_included() 
 
     ring = Polygon(box(0, 0, 400, 400).exterior.coords, [box(100, 100, 300, 300).exterior.coords])  # a big hole
     small = box(380, 380, 460, 440)  # overlaps the first nerve's band
-    zone = perineural_zone([ring, small], 30.0)
-    band = shapely.union_all([g.boundary.buffer(30.0, quad_segs=ZONE_QUAD_SEGS) for g in (ring, small)])
+    thin = box(600, 0, 640, 300)  # narrower than the band is wide on both sides: all of it is in the zone
+    zone = perineural_zone([ring, small, thin], 30.0)
+    band = shapely.union_all([g.boundary.buffer(30.0, quad_segs=ZONE_QUAD_SEGS) for g in (ring, small, thin)])
     assert zone.symmetric_difference(band).area < 1e-6 * band.area
     inside = lambda x, y: bool(shapely.contains_xy(zone, x, y))  # noqa: E731
     assert inside(200, 120) and inside(20, 200) and inside(-20, 200)  # near the hole's ring, in the nerve, outside
     assert not inside(200, 200) and not inside(50, 50) and not inside(-40, 200)  # hole's middle, deep, far out
+    assert inside(620, 150) and not inside(680, 150)  # the thin nerve's middle; beyond its band
