@@ -7,6 +7,10 @@ they are). It is used only where it agrees with OpenSlide: at opening, one tile 
 OpenSlide's read of it (colour conventions of JPEG-in-TIFF vary between writers), else OpenSlide reads.
 Tiles wanted at full scale are decoded here too: Pillow's decode straight to RGB takes half the time of
 OpenSlide's (which decodes to premultiplied ARGB, then has to be composited back to RGB).
+
+Decoded tiles are kept in a small cache (CACHE_BYTES, least recently used out): the network's tiles overlap
+and rarely line up with the file's tiles, so neighbouring reads share JPEG tiles, each decoded once instead of
+about 1.8 times (768-px reads of 256-px JPEG tiles at a stride of 704 px).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import io
 import logging
 import math
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SCALES = (8, 4, 2)  # the reductions libjpeg decodes directly
 AGREEMENT = 2.0  # mean absolute difference (0-255) from OpenSlide's decode at which a level is used
+CACHE_BYTES = 48 << 20  # decoded tiles kept per file: a 3 mm slide's rows of JPEG tiles a read spans, at 20x
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # APP14, version 100, transform 0
 
 
@@ -70,6 +77,9 @@ class JpegTiles:
                     self.levels.setdefault((lv.width, lv.height), lv)
         self._fd: int | None = None
         self._pid = -1
+        self._cache: OrderedDict[tuple[tuple[int, int], int, int], np.ndarray | None] = OrderedDict()
+        self._cached_bytes = 0
+        self._lock = threading.Lock()  # readers in threads share the cache
 
     def _bytes(self, offset: int, count: int) -> bytes:
         if self._fd is None or self._pid != os.getpid():  # a forked reader process opens its own descriptor
@@ -80,6 +90,9 @@ class JpegTiles:
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
         self._fd = None
+        with self._lock:
+            self._cache.clear()
+            self._cached_bytes = 0
 
     def _stream(self, lv: _Level, index: int) -> bytes | None:
         count = lv.counts[index]
@@ -99,6 +112,25 @@ class JpegTiles:
         return self._stream(lv, row * math.ceil(lv.width / lv.tile_w) + col)
 
     def _tile(self, lv: _Level, index: int, scale: int) -> np.ndarray | None:
+        """Tile ``index`` decoded at 1/``scale`` (read-only; None: an empty tile), from the cache if it is there."""
+        key = ((lv.width, lv.height), index, scale)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        tile = self._decode(lv, index, scale)  # outside the lock: two threads decode at once
+        if tile is not None:
+            tile.flags.writeable = False
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = tile
+                self._cached_bytes += tile.nbytes if tile is not None else 0
+                while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+                    old = self._cache.popitem(last=False)[1]
+                    self._cached_bytes -= old.nbytes if old is not None else 0
+        return tile
+
+    def _decode(self, lv: _Level, index: int, scale: int) -> np.ndarray | None:
         data = self._stream(lv, index)
         if data is None:
             return None

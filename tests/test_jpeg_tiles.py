@@ -103,3 +103,29 @@ def test_thumbnail_takes_a_half_scale_decode_as_a_slightly_coarser_level(svs40x:
     calls.clear()
     thumb, mpp = slide.thumbnail(mpp=0.4, coarser=1.2)  # not within 1.2x: level 0 at full scale, shrunk
     assert mpp == 0.4 and thumb.shape[:2] == (750, 1000) and set(calls) == {1}
+
+
+def test_overlapping_reads_decode_each_jpeg_tile_once_within_the_cache_budget(svs40x: Path, monkeypatch) -> None:
+    slide = open_slide(svs40x)
+    first = slide.read_region((0, 0), (300, 200), mpp=0.5)  # half-scale reads of level 0's JPEG tiles
+    jpeg = slide._backend._jpeg
+    decoded: list[tuple[int, int]] = []
+    original = jpeg_tiles.JpegTiles._decode
+
+    def counted(self, lv, index, scale):
+        decoded.append((index, scale))
+        return original(self, lv, index, scale)
+
+    monkeypatch.setattr(jpeg_tiles.JpegTiles, "_decode", counted)
+    again = slide.read_region((0, 0), (300, 200), mpp=0.5)
+    np.testing.assert_array_equal(again, first)
+    assert decoded == []  # every tile came from the cache
+    neighbour = slide.read_region((500, 0), (300, 200), mpp=0.5)  # overlaps the first read by 50 px
+    assert decoded and len(set(decoded)) == len(decoded)
+    jpeg.close()
+    monkeypatch.setattr(jpeg_tiles, "CACHE_BYTES", 100_000)  # about two tiles of 128² px
+    decoded.clear()
+    np.testing.assert_array_equal(slide.read_region((500, 0), (300, 200), mpp=0.5), neighbour)
+    assert jpeg._cached_bytes <= 100_000 and len(jpeg._cache) >= 1
+    slide.read_region((500, 0), (300, 200), mpp=0.5)
+    assert len(decoded) > len(set(decoded))  # a small cache: tiles decoded again
