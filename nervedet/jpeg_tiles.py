@@ -138,7 +138,7 @@ class JpegTiles:
             if scale > 1:
                 im.draft("RGB", (math.ceil(lv.tile_w / scale), math.ceil(lv.tile_h / scale)))
             im.load()
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # no copy when already RGB
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # one copy (tobytes); no conversion
 
     def read(self, size: tuple[int, int], x: int, y: int, w: int, h: int, scale: int) -> np.ndarray:
         """RGB of the level of ``size``: the level-pixel rectangle starting at scaled pixel (x, y) of the
