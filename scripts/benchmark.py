@@ -11,8 +11,9 @@ itself (cached in --out), with the bundled weights on the device given.
    0.5 µm/px) and `pipeline_to_model_ratio_40x` on a 40x slide in Aperio's layout (0.25 µm/px, pyramid steps
    of 4, so every tile is decoded at level 0 and halved). The ceiling is measured right before and after each.
    Both are measured warm: the ceiling after a warm-up pass, the pipeline on its second run of the slide (a
-   process's first slide also pays one-time costs: kernels for the crops' new shapes, thread pools, the heap's
-   growth; a cohort pays them once). The first run's figures are reported too (`..._cold`);
+   process's first slide also pays one-time costs: the bf16 agreement check once per weights file, kernels for
+   the crops' new shapes, thread pools, the heap's growth; a cohort pays them once). The first run's figures are
+   reported too (`..._cold`);
 3. reading: raw OpenSlide `read_region` of level-0 tile-sized regions against the reader's tiles at the analysis
    mpp (decoding and resizing included), both in megapixels of output per second;
 4. background: the same slide size at 10%, 50% and 100% tissue; `background_share` = (time at 10% - 0.1 x time
