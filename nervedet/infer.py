@@ -451,7 +451,7 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     grid = canvas_grid(slide, tissue, cfg.analysis_mpp, settings)
     keep = [cfg.class_index(n) for n in cfg.class_names if n != cfg.class_names[0]]  # all but background
     names = tuple(cfg.class_names[k] for k in keep)
-    stitcher = Stitcher(grid.width, grid.height, len(keep), grid.tile_size, grid.overlap, workdir)
+    stitcher = Stitcher(grid.width, grid.height, len(keep), grid.tile_size, grid.overlap, workdir, on_grid=True)
     net = inference_network(model)
     if settings.compile:
         net = compiled(net)

@@ -7,6 +7,12 @@ later tile can touch are normalised and stored as uint8 (probability × 255). Th
 temporary file when it is large, so memory stays bounded whatever the slide's size. The arithmetic is done by
 torch, whose element-wise operations use every core (NumPy's use one): a 3 mm slide's 81 tiles are stitched in
 about a third of the time.
+
+Tiles on a grid whose stride is the tile size minus the overlap (``on_grid``, as inference gives them) overlap
+only where a pixel's row or column lies within ``overlap`` px after a multiple of the stride: every other pixel
+of a tile is its own, at weight 1. Those are written to the canvas straight away, and only the strips are
+accumulated and normalised, with the same arithmetic, so the canvas is the same to the bit (a 3 mm slide's 81
+tiles on one thread: 0.34-0.38 -> 0.26 s).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ IN_MEMORY_BYTES = 1 << 30  # canvases larger than this live in a temporary file
 _FLOOR = 1e-3  # the window never reaches 0, so a tile edge with no neighbour still counts
 _FLUSH_COLUMNS = 4096  # canvas columns normalised at a time
 _HALF = torch.tensor(0.5)
+_FULL = torch.tensor(255.0)
 
 
 def blend_window(size: int, overlap: int) -> np.ndarray:
@@ -50,12 +57,14 @@ def _canvas(shape: tuple[int, ...], workdir: Path | None) -> np.ndarray:
 
 class Stitcher:
     """Accumulates (C, T, T) tile probabilities (or parts of tiles) at canvas positions (x, y) given in
-    non-decreasing y."""
+    non-decreasing y; with ``on_grid``, positions must be multiples of the stride (tile size - overlap)."""
 
     def __init__(self, width: int, height: int, channels: int, tile_size: int, overlap: int,
-                 workdir: Path | None = None) -> None:
+                 workdir: Path | None = None, on_grid: bool = False) -> None:
         self.width, self.height, self.channels = int(width), int(height), int(channels)
         self.tile_size = int(tile_size)
+        self.overlap, self.on_grid = int(overlap), bool(on_grid)
+        self.stride = self.tile_size - self.overlap
         self.window = torch.from_numpy(blend_window(self.tile_size, int(overlap)))
         self.canvas = _canvas((self.channels, self.height, self.width), workdir)
         self._out = torch.from_numpy(self.canvas)  # the same memory (or mapping)
@@ -74,6 +83,8 @@ class Stitcher:
         (weighted by that part of the tile's window)."""
         if y < self._last_y:
             raise ValueError(f"tiles must come in non-decreasing y (got y={y} after {self._last_y})")
+        if self.on_grid and (x % self.stride or y % self.stride):
+            raise ValueError(f"a tile at ({x}, {y}) is off the grid of stride {self.stride}")
         self._last_y = y
         self._flush(y)
         t, (ph, pw) = self.tile_size, probs.shape[1:]
@@ -86,9 +97,26 @@ class Stitcher:
             return
         if yb - self._top > self._band_h:  # a tile taller than the band allows: make the band bigger
             self._grow(yb - self._top)
+        p = torch.as_tensor(probs)
+        ov = self.overlap
+        # the tile's own pixels (on a grid): rows and columns [ov, T - ov) of the tile, written straight away
+        ia, ib = max(ya, y + ov), min(yb, y + t - ov)
+        ja, jb = max(xa, x + ov), min(xb, x + t - ov)
+        if not self.on_grid or ib <= ia or jb <= ja:
+            self._accumulate(p, px, py, x, y, xa, xb, ya, yb)
+            return
+        self._out[:, ia:ib, ja:jb] = torch.addcmul(_HALF, p[:, ia - py:ib - py, ja - px:jb - px], _FULL).to(torch.uint8)
+        for ra, rb, ca, cb in ((ya, ia, xa, xb), (ib, yb, xa, xb), (ia, ib, xa, ja), (ia, ib, jb, xb)):  # the strips
+            if rb > ra and cb > ca:
+                self._accumulate(p, px, py, x, y, ca, cb, ra, rb)
+
+    def _accumulate(self, p: torch.Tensor, px: int, py: int, x: int, y: int, xa: int, xb: int, ya: int,
+                    yb: int) -> None:
+        """Add canvas rows [ya, yb) x columns [xa, xb) of the part ``p`` (whose corner is canvas (px, py)) of the
+        tile at (x, y), weighted by its window."""
         w = self.window[ya - y:yb - y, xa - x:xb - x]
         ba, bb = ya - self._top, yb - self._top
-        self._acc[:, ba:bb, xa:xb].addcmul_(torch.as_tensor(probs)[:, ya - py:yb - py, xa - px:xb - px], w)
+        self._acc[:, ba:bb, xa:xb].addcmul_(p[:, ya - py:yb - py, xa - px:xb - px], w)
         self._wsum[ba:bb, xa:xb] += w
         self._used = max(self._used, bb)
 
@@ -104,17 +132,36 @@ class Stitcher:
         self._acc, self._wsum, self._band_h = acc, wsum, rows
 
     def _store(self, rows: int) -> None:
-        """Normalise the band's first ``rows`` rows into the canvas at ``top``, in column blocks (temporaries stay
-        small on wide canvases)."""
+        """Normalise the band's first ``rows`` rows into the canvas at ``top``: all of them, or on a grid only the
+        strips where tiles overlap (rows, then columns, within ``overlap`` px after a multiple of the stride)."""
         if rows <= 0:
             return
-        for xa in range(0, self.width, _FLUSH_COLUMNS):
-            xb = min(xa + _FLUSH_COLUMNS, self.width)
+        if not self.on_grid:
+            self._store_block(0, rows, 0, self.width)
+            return
+        s, ov = self.stride, self.overlap
+        r = 0
+        while r < rows:
+            y = self._top + r
+            if y % s < ov:  # a row of overlap across the whole width
+                end = min(rows, r + ov - y % s)
+                self._store_block(r, end, 0, self.width)
+            else:  # tiles' own rows: only the columns of overlap
+                end = min(rows, r + s - y % s)
+                for xa in range(0, self.width, s):
+                    self._store_block(r, end, xa, min(xa + ov, self.width))
+            r = end
+
+    def _store_block(self, ra: int, rb: int, xa: int, xb: int) -> None:
+        """Normalise band rows [ra, rb) x columns [xa, xb) into the canvas, in column blocks (temporaries stay
+        small on wide canvases)."""
+        for ca in range(xa, xb, _FLUSH_COLUMNS):
+            cb = min(ca + _FLUSH_COLUMNS, xb)
             # rows no tile reached hold 0 in both sums: a tiny floor keeps them 0 without a test per pixel; no
             # clamp: the weighted mean of probabilities is at most 1 (a sum of terms each at most its weight)
-            scale = 255.0 / self._wsum[:rows, xa:xb].clamp_min(1e-30)
-            p = torch.addcmul(_HALF, self._acc[:, :rows, xa:xb], scale)
-            self._out[:, self._top:self._top + rows, xa:xb] = p.to(torch.uint8)  # truncation after + 0.5: rounded
+            scale = 255.0 / self._wsum[ra:rb, ca:cb].clamp_min(1e-30)
+            p = torch.addcmul(_HALF, self._acc[:, ra:rb, ca:cb], scale)
+            self._out[:, self._top + ra:self._top + rb, ca:cb] = p.to(torch.uint8)  # truncation after + 0.5: rounded
 
     def _flush(self, upto: int) -> None:
         """Normalise and store canvas rows [top, upto): no tile starting at y >= upto touches them. Then the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from nervedet.stitch import Stitcher, blend_window
 
@@ -92,3 +93,34 @@ def test_a_tile_added_in_parts_at_their_offsets_equals_the_whole_tile() -> None:
     assert np.array_equal(whole.finish(), parts.finish())
     with pytest.raises(ValueError, match="inside a 64-px tile"):
         Stitcher(112, 64, 1, 64, 16).add(0, 0, np.ones((1, 32, 48), np.float32), offset=(32, 0))
+
+
+@pytest.mark.parametrize("tile,overlap,width,height", [(64, 16, 170, 150), (96, 32, 200, 97), (64, 0, 130, 64),
+                                                       (128, 48, 300, 260)])
+def test_on_a_grid_the_tiles_own_pixels_go_straight_to_the_canvas_with_the_same_result(
+        tile: int, overlap: int, width: int, height: int) -> None:
+    rng = np.random.default_rng(tile + overlap)
+    stride = tile - overlap
+    plain, fast = Stitcher(width, height, 2, tile, overlap), Stitcher(width, height, 2, tile, overlap, on_grid=True)
+    for y in range(0, height, stride):
+        for x in range(0, width, stride):
+            if rng.random() < 0.15:
+                continue  # a tile not run (no tissue): its neighbours' ramps stand alone
+            probs = rng.random((2, tile, tile), dtype=np.float32)
+            if rng.random() < 0.4:  # a crop: part of the tile, at its offset
+                cx, cy = (int(v) for v in rng.integers(0, tile // 2, 2))
+                cw, ch = (int(v) for v in rng.integers(8, tile // 2 + 1, 2))
+                part, offset = probs[:, cy:cy + ch, cx:cx + cw], (cx, cy)
+            else:
+                part, offset = probs, (0, 0)
+            plain.add(x, y, part, offset=offset)
+            fast.add(x, y, torch.from_numpy(part.copy()), offset=offset)
+    a, b = plain.finish(), fast.finish()
+    assert a.any() and np.array_equal(a, b)
+
+
+def test_a_tile_off_the_grid_is_refused_when_on_a_grid() -> None:
+    s = Stitcher(200, 200, 1, 64, 16, on_grid=True)
+    s.add(48, 0, np.ones((1, 64, 64), np.float32))
+    with pytest.raises(ValueError, match="off the grid"):
+        s.add(50, 0, np.ones((1, 64, 64), np.float32))
