@@ -435,9 +435,10 @@ class Slide:
         if max_size:
             mpps.append(self.mpp * max(w0, h0) / max_size)
         thumb_mpp = max(mpps)
-        # pyramid levels, and where JPEG tiles decode at reduced scale, their halves, quarters and eighths
-        cheap = [m * f for m in self.level_mpps for f in (1, 2, 4, 8) if f == 1 or self.decodes_reduced(m * f)]
-        near = [m for m in cheap if thumb_mpp < m <= thumb_mpp * coarser]
+        # pyramid levels, and where JPEG tiles decode at reduced scale, their halves, quarters and eighths (whose
+        # one-time agreement check reads a tile: made only for those in range, so never with coarser = 1)
+        near = [m * f for m in self.level_mpps for f in (1, 2, 4, 8)
+                if thumb_mpp < m * f <= thumb_mpp * coarser and (f == 1 or self.decodes_reduced(m * f))]
         if near:
             thumb_mpp = min(near)
         f = self.mpp / thumb_mpp
