@@ -33,6 +33,12 @@ _HALF = torch.tensor(0.5)
 _FULL = torch.tensor(255.0)
 
 
+def _to_uint8(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Probabilities times ``scale`` (255, or 255 over the weight sum) as uint8: truncation after + 0.5 rounds.
+    The one formula for every canvas pixel, so pixels written straight away equal accumulated ones to the bit."""
+    return torch.addcmul(_HALF, p, scale).to(torch.uint8)
+
+
 def blend_window(size: int, overlap: int) -> np.ndarray:
     """(size, size) float32 weights: 1 inside, a raised-cosine ramp over ``overlap`` px at every edge."""
     ramp = np.ones(size, np.float32)
@@ -105,7 +111,7 @@ class Stitcher:
         if not self.on_grid or ib <= ia or jb <= ja:
             self._accumulate(p, px, py, x, y, xa, xb, ya, yb)
             return
-        self._out[:, ia:ib, ja:jb] = torch.addcmul(_HALF, p[:, ia - py:ib - py, ja - px:jb - px], _FULL).to(torch.uint8)
+        self._out[:, ia:ib, ja:jb] = _to_uint8(p[:, ia - py:ib - py, ja - px:jb - px], _FULL)
         for ra, rb, ca, cb in ((ya, ia, xa, xb), (ib, yb, xa, xb), (ia, ib, xa, ja), (ia, ib, jb, xb)):  # the strips
             if rb > ra and cb > ca:
                 self._accumulate(p, px, py, x, y, ca, cb, ra, rb)
@@ -160,8 +166,7 @@ class Stitcher:
             # rows no tile reached hold 0 in both sums: a tiny floor keeps them 0 without a test per pixel; no
             # clamp: the weighted mean of probabilities is at most 1 (a sum of terms each at most its weight)
             scale = 255.0 / self._wsum[ra:rb, ca:cb].clamp_min(1e-30)
-            p = torch.addcmul(_HALF, self._acc[:, ra:rb, ca:cb], scale)
-            self._out[:, self._top + ra:self._top + rb, ca:cb] = p.to(torch.uint8)  # truncation after + 0.5: rounded
+            self._out[:, self._top + ra:self._top + rb, ca:cb] = _to_uint8(self._acc[:, ra:rb, ca:cb], scale)
 
     def _flush(self, upto: int) -> None:
         """Normalise and store canvas rows [top, upto): no tile starting at y >= upto touches them. Then the
