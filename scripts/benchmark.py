@@ -114,7 +114,7 @@ def model_ceiling(model, path: Path, seconds: float) -> tuple[float, str]:
     cfg, device = model.config, model.device
     net = inference_network(model)  # the network exactly as the pipeline runs it
     batch = default_batch_size(device, TILE)
-    x = normalize(_tiles(path, model, batch).to(device), cfg).contiguous(memory_format=torch.channels_last)
+    x = normalize(_tiles(path, model, batch).to(device), cfg, torch.channels_last)
     precision = choose_precision(model, lambda: x, "auto")
     _run(net, x, device, precision)  # warm-up
     ways = [1] + ([stream_count()] if device.type == "cpu" and stream_count() > 1 else [])
