@@ -50,11 +50,11 @@ def grade_nerve(
     # grade against the outline with holes filled and notches narrower than twice close_um closed.
     close_px = settings.close_um / mpp
     nerve = fill_holes(nerve)
-    solid = fill_holes(nerve.buffer(close_px, join_style="round").buffer(-close_px, join_style="round"))
-    solid = solid if not solid.is_empty else nerve
     distance_um = float(nerve.distance(tumor)) * mpp
     if distance_um > settings.close_um:
         return PniResult(0, 0.0, distance_um, 0.0)
+    solid = fill_holes(nerve.buffer(close_px, join_style="round").buffer(-close_px, join_style="round"))
+    solid = solid if not solid.is_empty else nerve
     # Only the tumour near this nerve matters: clip first so the overlay work stays local.
     local = tumor.intersection(nerve.buffer(close_px * 2 + 1))
     inside_um2 = float(local.intersection(solid).area) * mpp * mpp
