@@ -18,14 +18,17 @@ def find_peaks(prob: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, radius:
     maxima, found without a sigmoid over every pixel; only the peaks' own values are turned into p)."""
     if prob.dim() == 3:
         prob = prob.unsqueeze(1)
-    prob = prob.float()
+    prob = prob.float().contiguous()  # a channel of a channels-last output is strided: made dense once
     cut = float(torch.logit(torch.tensor(threshold, dtype=torch.float64))) if logits else threshold
     pooled = square_max(prob, radius)
-    keep = (prob == pooled) & (prob >= cut)
     out = []
     for i in range(prob.shape[0]):
-        ys, xs = torch.nonzero(keep[i, 0], as_tuple=True)
+        # the few pixels above the threshold first, then those of them that are their square's maximum (two
+        # comparisons over the whole image fewer: a 768-px tile's peaks 3.1 -> 2.4 ms)
+        ys, xs = torch.nonzero(prob[i, 0] >= cut, as_tuple=True)
         p = prob[i, 0, ys, xs]
+        top = p == pooled[i, 0, ys, xs]
+        ys, xs, p = ys[top], xs[top], p[top]
         # plateaus (equal neighbours) would give several peaks: keep one per 3x3 block of ties
         pts = _dedupe(torch.stack([xs.float() + 0.5, ys.float() + 0.5, p], dim=1), radius)
         if logits:
