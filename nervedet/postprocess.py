@@ -179,13 +179,12 @@ def perineural_zone(nerves: list[Polygon], distance: float) -> BaseGeometry:
     """Everything within ``distance`` of a nerve's boundary, inside or out (holes' rings included).
 
     The boundary is the nerves' rings, each the outline of a simple polygon (a nerve's exterior or one of its
-    holes): the points within ``distance`` of a ring are the polygon grown minus the polygon shrunk. That set
-    is the one of the union of the rings' buffers, for about half the time (measured on a 1.5 mm slide with
-    10 nerves: 0.48 against 0.82 s); and shrinking polygons without holes is where the time went: a large
-    nerve with 46 holes shrank in 0.68 s as it is, its exterior alone in 0.22 s (a 3 mm slide's zone 1.8 ->
-    0.5 s). A polygon narrower than twice the distance in some direction shrinks to nothing (its inscribed
-    circle is at most half of any width): it is not shrunk at all, which GEOS does at three times the cost
-    of growing it."""
+    holes), and the points within ``distance`` of a ring are that polygon grown minus it shrunk: the same set
+    as the union of the rings' buffers, for about half the time (measured on a 1.5 mm slide with 10 nerves:
+    0.48 against 0.82 s). Polygons without holes, because shrinking a nerve with holes is slow: one with 46
+    holes shrank in 0.68 s, its exterior alone in 0.22 s (a 3 mm slide's zone 1.8 -> 0.5 s). A polygon
+    narrower than twice the distance in some direction shrinks to nothing (its inscribed circle is at most
+    half of any width): it is not shrunk at all, which GEOS does at three times the cost of growing it."""
     simple = [Polygon(n.exterior) for n in nerves] + [Polygon(h) for n in nerves for h in n.interiors]
     wide = [i for i, p in enumerate(simple) if min_feret(p) >= 2 * distance]
     # grown and shrunk in one call, so the threads share out both by size
