@@ -112,10 +112,10 @@ def model_ceiling(model, path: Path, seconds: float) -> tuple[float, str]:
     of one stream with all of torch's threads and the CPU streams the pipeline runs (cpu_streams.py), so the
     ratio is taken against the model's best on this machine."""
     cfg, device = model.config, model.device
-    net = inference_network(model)  # the network exactly as the pipeline runs it
     batch = default_batch_size(device, TILE)
     x = normalize(_tiles(path, model, batch).to(device), cfg, torch.channels_last)
     precision = choose_precision(model, lambda: x, "auto")
+    net = inference_network(model, precision)  # the network exactly as the pipeline runs it
     _run(net, x, device, precision)  # warm-up
     ways = [1] + ([stream_count()] if device.type == "cpu" and stream_count() > 1 else [])
     return max(_throughput(net, x, device, precision, seconds / len(ways), n) for n in ways), precision
