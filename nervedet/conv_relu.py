@@ -53,9 +53,10 @@ def _is_relu(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
 
 
 def fuse_conv_relu(net: fx.GraphModule, precision: str) -> tuple[fx.GraphModule, int]:
-    """A copy of a traced eval-mode network with each Conv2d (zero padding) whose only user is a ReLU replaced
-    by a ConvReLU in ``precision``; and how many were."""
-    gm = copy.deepcopy(net)
+    """A traced eval-mode network with each Conv2d (zero padding) whose only user is a ReLU replaced by a
+    ConvReLU in ``precision``; and how many were. A new graph over the same modules: the layers left as they
+    are share their weights with ``net`` (a copy of them all would hold the network twice)."""
+    gm = fx.GraphModule(net, copy.deepcopy(net.graph))
     modules = dict(gm.named_modules())
     graph, fused = gm.graph, 0
     for node in list(graph.nodes):
