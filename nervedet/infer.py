@@ -340,11 +340,31 @@ def inference_network(model: Model, precision: str | None = None) -> torch.nn.Mo
             if isinstance(base, torch.fx.GraphModule):
                 fast, fused = conv_relu.fuse_conv_relu(base, key)
                 log.debug("%d convolutions run with their ReLU (%s)", fused, key)
+                if fused and not _same_outputs(base, fast, model.device, key):
+                    fast = base
         made = (versions, fast)
         if net not in _INFERENCE:
             _INFERENCE[net] = {}
         _INFERENCE[net][key] = made
     return made[1]
+
+
+def _same_outputs(base: torch.nn.Module, fused: torch.nn.Module, device: torch.device, precision: str) -> bool:
+    """Whether the fused network runs here and gives the base network's outputs on a small random input (to
+    rounding: oneDNN may pick other kernels on other CPUs); if not, it is not used (a warning says why)."""
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        want, got = _run(base, x, device, precision), _run(fused, x, device, precision)
+    except Exception as exc:  # noqa: BLE001 - a platform whose oneDNN lacks the operation: run unfused
+        log.warning("convolutions not fused with their ReLUs: %s", one_line(exc))
+        return False
+    tol = 1e-4 if precision == "fp32" else 0.05
+    if not torch.allclose(got, want, atol=tol, rtol=tol):
+        log.warning("convolutions not fused with their ReLUs: outputs %.3g apart on a test input",
+                    float((got - want).abs().max()))
+        return False
+    return True
 
 
 def fuse_batchnorm(net: torch.nn.Module) -> torch.nn.Module:

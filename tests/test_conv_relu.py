@@ -52,3 +52,15 @@ def test_fusing_skips_a_convolution_whose_output_is_used_elsewhere() -> None:
         want = net(x)
         assert (want < 0).any()  # the sum is not all through a ReLU: a wrong fusion would show
         torch.testing.assert_close(fused(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fused_operation_that_fails_here_leaves_the_network_unfused(monkeypatch, caplog) -> None:
+    model = load_model(None, device="cpu")  # a model of its own: inference_network caches per network
+
+    def broken(*args):
+        raise RuntimeError("no such kernel on this CPU")
+
+    monkeypatch.setattr(conv_relu, "_OP", broken)
+    net = inference_network(model, "fp32")
+    assert net is inference_network(model) and _fused_count(net) == 0
+    assert "not fused" in caplog.text and "no such kernel" in caplog.text
