@@ -342,10 +342,7 @@ def inference_network(model: Model, precision: str | None = None) -> torch.nn.Mo
                 log.debug("%d convolutions run with their ReLU (%s)", fused, key)
                 if fused and not _same_outputs(base, fast, model.device, key):
                     fast = base
-        made = (versions, fast)
-        if net not in _INFERENCE:
-            _INFERENCE[net] = {}
-        _INFERENCE[net][key] = made
+        made = _INFERENCE.setdefault(net, {})[key] = (versions, fast)
     return made[1]
 
 
@@ -488,9 +485,6 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     keep = [cfg.class_index(n) for n in cfg.class_names if n != cfg.class_names[0]]  # all but background
     names = tuple(cfg.class_names[k] for k in keep)
     stitcher = Stitcher(grid.width, grid.height, len(keep), grid.tile_size, grid.overlap, workdir, on_grid=True)
-    net = inference_network(model)
-    if settings.compile:
-        net = compiled(net)
     workers = settings.workers if settings.workers is not None else auto_workers(slide, cfg.analysis_mpp, device)
     batch = batch_size_for(settings, device)
     on_device = device_tiles(slide, grid, cfg.analysis_mpp, device, settings.device_decode)
@@ -516,12 +510,12 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
             raise SlideError(problem)
         return _inputs([tile], cfg, device)
 
-    precision, results = None, None
+    precision, results, net = None, None, None
     try:
         if grid.tiles:
             precision = choose_precision(model, first_tile, settings.precision)
-            if not settings.compile:  # the network for that precision (its convolutions fused with their ReLUs)
-                net = inference_network(model, precision)
+            # compiled as it is, or the network for that precision (its convolutions fused with their ReLUs)
+            net = compiled(inference_network(model)) if settings.compile else inference_network(model, precision)
         # CPU streams (cpu_streams.py); not for a compiled network (its first call compiles: one thread only)
         if device.type == "cpu" and not workers and not on_device and not settings.compile and grid.tiles:
             results = stream_results(index_runs(grid, batch), dataset.__getitem__,
