@@ -15,12 +15,9 @@ the addition would round differently).
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 import torch.fx as fx
-
-log = logging.getLogger(__name__)
 
 _OP = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the precisions whose weights are stored fused
