@@ -17,9 +17,9 @@ itself (cached in --out), with the bundled weights on the device given.
    core-seconds are split too: `network_core_seconds` (its pixels at the ceiling's speed, on all the cores the
    ceiling used), `around_network_core_seconds` (the rest of the process's CPU time: reading, normalising,
    softmax, peaks, stitching, post-processing, the network's slowdown beside them) and
-   `pipeline_to_model_ratio_never_idle` (the first over all: the ratio if the cores were never idle). Without
-   --quick, where the pipeline runs bf16, the 20x slide is also measured in float32 (here a network
-   4.5x slower, the same work around it): `pipeline_to_model_ratio_fp32` and its split (`..._fp32`);
+   `pipeline_to_model_ratio_never_idle` (the first over all: the ratio if the cores were never idle). Where the
+   pipeline runs bf16 on a CPU, the 20x slide is also measured in float32 (here a network 4.5x slower, the same
+   work around it): `pipeline_to_model_ratio_fp32` and its split (`..._fp32`);
 3. reading: raw OpenSlide `read_region` of level-0 tile-sized regions against the reader's tiles at the analysis
    mpp (decoding and resizing included), both in megapixels of output per second;
 4. background: the same slide size at 10%, 50% and 100% tissue; `background_share` = (time at 10% - 0.1 x time
@@ -238,7 +238,7 @@ def main() -> int:
            "batch_size": default_batch_size(model.device, TILE)}
     seconds = 8 if args.quick else 20
 
-    fp32 = not args.quick and model.device.type == "cpu"  # the 20x slide in float32 too (its ratio and speed)
+    fp32 = model.device.type == "cpu"  # the 20x slide in float32 too (its ratio and speed)
     for key, mpp in (("", 0.5), ("_40x", 0.25)):
         path = make_slide(args.out, f"full_{size:g}mm_{mpp:g}", size, mpp, 1.0)
         cold = pipeline(model, path)  # the first run: one-time costs included
