@@ -47,6 +47,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -192,8 +193,36 @@ def peer_mask_dice(model, path: Path, mask_npy: Path) -> float:
     return float(2 * (ours & peer).sum() / max(ours.sum() + peer.sum(), 1))
 
 
+class RssKinds:
+    """The highest anonymous and file-backed resident memory of this process (Linux /proc/self/status RssAnon
+    and RssFile, in GB), sampled every ``interval`` s by a thread while the block runs. The peak RSS is their sum
+    at its highest; the file-backed part is pages of the shared libraries (torch's CUDA build maps several
+    hundred MB) and of files, which the kernel may drop at any time and whose amount depends on what its page
+    cache holds: it varies from run to run and machine to machine while the process's own memory does not."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.peak, self._stop = interval, {"RssAnon": 0.0, "RssFile": 0.0}, threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            for line in open("/proc/self/status"):
+                key = line.split(":", 1)[0]
+                if key in self.peak:
+                    self.peak[key] = max(self.peak[key], int(line.split()[1]) / 2**20)  # kB -> GB
+
+    def __enter__(self) -> RssKinds:
+        if Path("/proc/self/status").is_file():
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+
 def memory_one(path: Path, device: str) -> dict:
-    """Run in a process of its own: analyse ``path`` and report the peak RSS of it and its reader processes.
+    """Run in a process of its own: analyse ``path`` and report the peak RSS of it and its reader processes,
+    and (Linux) the highest anonymous and file-backed parts of the main process's (RssKinds).
 
     ``import torch`` itself runs a short-lived child process (its maximum RSS, 0.42 GB here, shows in
     RUSAGE_CHILDREN before any slide is opened), so the children's figure counts only when the pipeline starts
@@ -203,12 +232,14 @@ def memory_one(path: Path, device: str) -> dict:
     with open_slide(path) as slide:
         readers = auto_workers(slide, model.config.analysis_mpp, model.device)
     t0 = time.perf_counter()
-    r = analyze_slide(path, model=model, settings=AnalysisSettings(infer=InferSettings(progress=False)))
+    with RssKinds() as kinds:
+        r = analyze_slide(path, model=model, settings=AnalysisSettings(infer=InferSettings(progress=False)))
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20 if readers else 0.0
     return {"seconds": time.perf_counter() - t0, "tiles": r.settings["tiles"], "regions": r.settings["regions"],
             "reader_processes": readers, "peak_rss_gb": own + kids, "peak_rss_gb_main": own,
-            "peak_rss_gb_reader": kids, "rss_gb_import_children": before}
+            "peak_rss_gb_reader": kids, "rss_gb_import_children": before,
+            "peak_rss_anon_gb_main": kinds.peak["RssAnon"], "peak_rss_file_gb_main": kinds.peak["RssFile"]}
 
 
 def _table(rows: list[tuple]) -> str:
@@ -296,7 +327,8 @@ def main() -> int:
         m = json.loads(p.stdout.strip().splitlines()[-1])
         res["memory"][f"{px}"] = {k: round(v, 3) for k, v in m.items()}
         print(f"{path.name}: {px}² px, {m['tiles']} tiles, {m['seconds']:.1f} s, peak RSS {m['peak_rss_gb']:.2f} GB "
-              f"(main {m['peak_rss_gb_main']:.2f}, reader {m['peak_rss_gb_reader']:.2f})", flush=True)
+              f"(main {m['peak_rss_gb_main']:.2f}: at most {m['peak_rss_anon_gb_main']:.2f} anonymous, "
+              f"{m['peak_rss_file_gb_main']:.2f} file-backed; reader {m['peak_rss_gb_reader']:.2f})", flush=True)
     res["largest_slide_level0_px"] = sizes[-1] ** 2
     res["peak_rss_gb_largest"] = res["memory"][f"{sizes[-1]}"]["peak_rss_gb"]
     res["tiatoolbox_speedup"] = res["tiatoolbox_peak_rss_gb"] = None
