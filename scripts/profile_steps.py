@@ -55,6 +55,7 @@ pools included), one step at a time."""
         dataset = TileDataset(slide, grid, cfg.analysis_mpp)
         net = inference_network(model, precision)
         keep = [cfg.class_index(n) for n in cfg.class_names if n != cfg.class_names[0]]
+        kept = slice(keep[0], keep[-1] + 1) if keep == list(range(keep[0], keep[-1] + 1)) else keep  # as run_inference
         radius = max(1, round(settings.peak_min_distance_um / cfg.analysis_mpp))
         stitcher = Stitcher(grid.width, grid.height, len(keep), grid.tile_size, grid.overlap, None, on_grid=True)
         for i, (col, row) in enumerate(grid.tiles):
@@ -65,7 +66,7 @@ pools included), one step at a time."""
             marks.append(time.process_time())
             out = _run(net, x, device, precision)
             marks.append(time.process_time())
-            probs = torch.softmax(out[:, : cfg.num_classes], 1)[:, keep].cpu()
+            probs = torch.softmax(out[:, : cfg.num_classes], 1)[:, kept].cpu()
             marks.append(time.process_time())
             peaks = find_peaks(out[:, cfg.num_classes], settings.immune_threshold, radius, logits=True)
             marks.append(time.process_time())
