@@ -44,7 +44,7 @@ STEPS = ("tissue", "reading", "normalising", "network", "softmax", "peaks", "sti
 
 def one_pass(model, path: Path, settings: InferSettings, precision: str) -> dict[str, float]:
     """CPU seconds of each step over the slide (the process's, all its threads: the post-processing's thread
-pools included), one step at a time."""
+    pools included), one step at a time."""
     cfg, device = model.config, model.device
     t = dict.fromkeys(STEPS, 0.0)
     with open_slide(path) as slide:
