@@ -34,7 +34,7 @@ from nervedet.infer import (  # noqa: E402
 )
 from nervedet.peaks import find_peaks  # noqa: E402
 from nervedet.postprocess import postprocess  # noqa: E402
-from nervedet.slide import open_slide  # noqa: E402
+from nervedet.slide import SlideError, open_slide  # noqa: E402
 from nervedet.stitch import Stitcher  # noqa: E402
 from nervedet.tissue import detect_tissue  # noqa: E402
 from nervedet.weights import load_model  # noqa: E402
@@ -94,12 +94,18 @@ def main() -> int:
     torch.set_num_threads(1)
     model = load_model()
     settings = InferSettings(progress=False, precision=args.precision)
-    with open_slide(args.slide) as slide:  # the precision the pipeline would choose for this slide
-        grid = canvas_grid(slide, detect_tissue(slide), model.config.analysis_mpp, settings)
-        first = TileDataset(slide, grid, model.config.analysis_mpp)[0][0]
-    precision = choose_precision(model, lambda: _inputs([first], model.config, model.device), args.precision)
-    for _ in range(args.repeat):
-        t = one_pass(model, args.slide, settings, precision)
+    try:
+        with open_slide(args.slide) as slide:  # the precision the pipeline would choose for this slide
+            grid = canvas_grid(slide, detect_tissue(slide), model.config.analysis_mpp, settings)
+            if not grid.tiles:
+                raise SlideError(f"{args.slide}: no tissue found")
+            first = TileDataset(slide, grid, model.config.analysis_mpp)[0][0]
+        precision = choose_precision(model, lambda: _inputs([first], model.config, model.device), args.precision)
+        for _ in range(args.repeat):
+            t = one_pass(model, args.slide, settings, precision)
+    except SlideError as exc:
+        print(f"profile_steps: {exc}", file=sys.stderr)
+        return 1
     around = sum(v for k, v in t.items() if k != "network")
     for step, v in t.items():
         print(f"{step:16s} {v:7.2f} core-s")
