@@ -141,6 +141,18 @@ def pipeline(model, path: Path, precision: str = "auto") -> dict:
             "tissue_mm2": r.metrics["tissue_area_mm2"]}
 
 
+def side_by_side(model, path: Path, seconds: float, precision: str = "auto") -> tuple[dict, dict, float, float, str]:
+    """The pipeline's first and second runs of the slide in ``precision`` and the network's ceiling measured
+    before and after the second (this CPU's speed drifts): (first run, second run, the ceiling's mean, the
+    spread of the two ceilings over their mean, the precision run)."""
+    cold = pipeline(model, path, precision)  # the first run: one-time costs included
+    before, chosen = model_ceiling(model, path, seconds, precision)
+    run = pipeline(model, path, precision)
+    after, _ = model_ceiling(model, path, seconds, precision)
+    ceiling = (before + after) / 2
+    return cold, run, ceiling, abs(before - after) / ceiling, chosen
+
+
 def core_budget(run: dict, ceiling: float, device: torch.device) -> dict:
     """Where a CPU run's core-seconds went: the network's share at the ceiling's speed (the ceiling keeps all
     of torch's threads busy), the work around it, and the ratio if the cores were never idle. On a CPU the network
@@ -284,17 +296,12 @@ def main() -> int:
            "batch_size": default_batch_size(model.device, TILE)}
     seconds = 8 if args.quick else 20
 
-    fp32 = model.device.type == "cpu"  # the 20x slide in float32 too (its ratio and speed)
     for key, mpp in (("", 0.5), ("_40x", 0.25)):
         path = make_slide(args.out, f"full_{size:g}mm_{mpp:g}", size, mpp, 1.0)
-        cold = pipeline(model, path)  # the first run: one-time costs included
-        before, precision = model_ceiling(model, path, seconds)  # before and after: this CPU's speed drifts
-        run = pipeline(model, path)
-        after, _ = model_ceiling(model, path, seconds)
-        ceiling = (before + after) / 2
+        cold, run, ceiling, spread, precision = side_by_side(model, path, seconds)
         res[f"pipeline_seconds_cold{key}"] = round(cold["seconds"], 1)
         res[f"pipeline_to_model_ratio_cold{key}"] = round(cold["mpx_s"] / ceiling, 3)
-        res[f"model_ceiling_spread{key}"] = round(abs(before - after) / ceiling, 3)
+        res[f"model_ceiling_spread{key}"] = round(spread, 3)
         res[f"model_ceiling_mpx_s{key}"] = round(ceiling, 4)
         res[f"pipeline_mpx_s{key}"] = round(run["mpx_s"], 4)
         res[f"pipeline_to_model_ratio{key}"] = round(run["mpx_s"] / ceiling, 3)
@@ -306,11 +313,9 @@ def main() -> int:
               f"({run['tiles']} tiles, {run['seconds']:.1f} s; first run {cold['seconds']:.1f} s): "
               f"ratio {run['mpx_s'] / ceiling:.3f}", flush=True)
         res.update({f"{k}{key}": round(v, 4) for k, v in reading(path, model.config.analysis_mpp).items()})
-        if fp32 and not key and precision != "fp32":  # the slow network: does the work around it hide then?
-            cold32 = pipeline(model, path, "fp32")
-            before = model_ceiling(model, path, seconds, "fp32")[0]
-            run32 = pipeline(model, path, "fp32")
-            top = (before + model_ceiling(model, path, seconds, "fp32")[0]) / 2
+        if model.device.type == "cpu" and not key and precision != "fp32":
+            # the 20x slide in float32 too, a slower network: does the work around it hide then?
+            cold32, run32, top, _, _ = side_by_side(model, path, seconds, "fp32")
             res["pipeline_seconds_fp32"] = round(cold32["seconds"], 1)  # the first run, as the peer's one run
             res["pipeline_seconds_fp32_warm"] = round(run32["seconds"], 1)
             res["model_ceiling_mpx_s_fp32"] = round(top, 4)
