@@ -473,6 +473,18 @@ def _loader_results(dataset: Dataset, grid: CanvasGrid, cfg, device: torch.devic
             yield run, *predict(_inputs([by_index[i] for i in run], cfg, device))
 
 
+def kept_channels(cfg) -> tuple[list[int], slice | list[int]]:
+    """The output channels of the classes the canvas keeps (all but background), as a list and as the index to
+    take them by: a slice where they are consecutive (a view: indexing by a list copies them)."""
+    keep = [cfg.class_index(n) for n in cfg.class_names if n != cfg.class_names[0]]
+    return keep, slice(keep[0], keep[-1] + 1) if keep == list(range(keep[0], keep[-1] + 1)) else keep
+
+
+def peak_radius_px(settings: InferSettings, mpp: float) -> int:
+    """Immune-cell peaks' minimum distance in px at the analysis mpp."""
+    return max(1, round(settings.peak_min_distance_um / mpp))
+
+
 def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: InferSettings = InferSettings(),
                   workdir: Path | None = None, bar: tqdm | None = None) -> InferenceOutput:
     """Run the model over the slide's tissue (or one region of it); see the module docstring for the canvas
@@ -482,15 +494,13 @@ def run_inference(model: Model, slide: Slide, tissue: TissueMask, settings: Infe
     if device.type == "cpu":
         keep_large_buffers()  # the network's activations reused tile after tile, not faulted in again (allocator.py)
     grid = canvas_grid(slide, tissue, cfg.analysis_mpp, settings)
-    keep = [cfg.class_index(n) for n in cfg.class_names if n != cfg.class_names[0]]  # all but background
+    keep, kept = kept_channels(cfg)
     names = tuple(cfg.class_names[k] for k in keep)
     stitcher = Stitcher(grid.width, grid.height, len(keep), grid.tile_size, grid.overlap, workdir, on_grid=True)
     workers = settings.workers if settings.workers is not None else auto_workers(slide, cfg.analysis_mpp, device)
     batch = batch_size_for(settings, device)
     on_device = device_tiles(slide, grid, cfg.analysis_mpp, device, settings.device_decode)
-    radius = max(1, round(settings.peak_min_distance_um / cfg.analysis_mpp))  # px at the analysis mpp
-    # the classes kept, as a slice where they are consecutive (a view: indexing by a list copies them)
-    kept = slice(keep[0], keep[-1] + 1) if keep == list(range(keep[0], keep[-1] + 1)) else keep
+    radius = peak_radius_px(settings, cfg.analysis_mpp)
 
     def predict(x: torch.Tensor, precision: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = _run(net, x, device, precision)

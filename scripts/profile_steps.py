@@ -30,6 +30,8 @@ from nervedet.infer import (  # noqa: E402
     canvas_grid,
     choose_precision,
     inference_network,
+    kept_channels,
+    peak_radius_px,
     run_inference,
 )
 from nervedet.peaks import find_peaks  # noqa: E402
@@ -54,9 +56,8 @@ def one_pass(model, path: Path, settings: InferSettings, precision: str) -> dict
         grid = canvas_grid(slide, tissue, cfg.analysis_mpp, settings)
         dataset = TileDataset(slide, grid, cfg.analysis_mpp)
         net = inference_network(model, precision)
-        keep = [cfg.class_index(n) for n in cfg.class_names if n != cfg.class_names[0]]
-        kept = slice(keep[0], keep[-1] + 1) if keep == list(range(keep[0], keep[-1] + 1)) else keep  # as run_inference
-        radius = max(1, round(settings.peak_min_distance_um / cfg.analysis_mpp))
+        keep, kept = kept_channels(cfg)  # as run_inference takes them
+        radius = peak_radius_px(settings, cfg.analysis_mpp)
         stitcher = Stitcher(grid.width, grid.height, len(keep), grid.tile_size, grid.overlap, None, on_grid=True)
         for i, (col, row) in enumerate(grid.tiles):
             marks = [time.process_time()]
