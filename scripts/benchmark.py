@@ -205,6 +205,16 @@ def peer_mask_dice(model, path: Path, mask_npy: Path) -> float:
     return float(2 * (ours & peer).sum() / max(ours.sum() + peer.sum(), 1))
 
 
+def _status_gb() -> dict[str, float]:
+    """This process's memory figures in Linux /proc/self/status (VmHWM, RssAnon, RssFile, ...) in GB; empty
+    where there is no such file."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return {}
+    fields = (line.split() for line in status.read_text().splitlines())
+    return {f[0].rstrip(":"): int(f[1]) / 2**20 for f in fields if len(f) == 3 and f[2] == "kB"}  # kB -> GB
+
+
 class RssKinds:
     """The highest anonymous and file-backed resident memory of this process (Linux /proc/self/status RssAnon
     and RssFile, in GB), sampled every ``interval`` s by a thread while the block runs. The peak RSS is their sum
@@ -217,13 +227,12 @@ class RssKinds:
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            for line in open("/proc/self/status"):
-                key = line.split(":", 1)[0]
-                if key in self.peak:
-                    self.peak[key] = max(self.peak[key], int(line.split()[1]) / 2**20)  # kB -> GB
+            now = _status_gb()
+            for key in self.peak:
+                self.peak[key] = max(self.peak[key], now.get(key, 0.0))
 
     def __enter__(self) -> RssKinds:
-        if Path("/proc/self/status").is_file():
+        if _status_gb():
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -237,12 +246,8 @@ def own_peak_rss_gb() -> float:
     program. Not ``ru_maxrss``: Linux carries the high-water mark of the memory a process had before ``exec``
     into it, and a child made by fork or vfork had its parent's, so a child's ``ru_maxrss`` is at least its
     parent's peak (this benchmark's own 2.2 GB, after its float32 runs, showed as the 20k² slide's peak)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB -> GB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    hwm = _status_gb().get("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def memory_one(path: Path, device: str) -> dict:
